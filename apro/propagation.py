@@ -1,0 +1,301 @@
+"""Global and local affinity propagation (paper Eqs. 2-6) and the tree filter it is compared with.
+
+All three produce *targets*: they run without autograd and their results carry no gradient.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _kernels
+from ._threads import map_images
+from ._validation import (
+    check_count,
+    check_float_tensor,
+    check_kernel_size,
+    check_positive,
+    check_same_grid,
+)
+from .tree import SpanningTree, grid_edge_weights, grid_tree, minimum_spanning_tree, tree_edge_weights
+
+GuideOrTree = Union[torch.Tensor, SpanningTree]
+
+
+def _check_values(values: torch.Tensor) -> torch.Tensor:
+    return check_float_tensor(values, "values", 4, "(B, C, H, W)")
+
+
+def _check_tree(tree: SpanningTree, values: torch.Tensor) -> None:
+    b, _, h, w = values.shape
+    if (tree.height, tree.width) != (h, w):
+        raise ValueError(
+            f"guide_or_tree is a tree of a {tree.height}x{tree.width} grid but values is {h}x{w}; "
+            f"build the tree at the values' resolution"
+        )
+    if tree.batch_size != b:
+        raise ValueError(f"guide_or_tree holds {tree.batch_size} trees but values has batch size {b}")
+
+
+def _planes(values: torch.Tensor) -> np.ndarray:
+    """``(B, C, H, W)`` -> ``(B, N, C)`` float64 NumPy, channel-last for the kernels."""
+    return values.detach().to("cpu", torch.float64).flatten(2).transpose(1, 2).contiguous().numpy()
+
+
+def _to_output(out: list, like: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = like.shape
+    y = torch.from_numpy(np.stack(out)).transpose(1, 2).reshape(b, c, h, w)
+    return y.to(device=like.device, dtype=like.dtype)
+
+
+def _gp_on_grid(planes, weights, h, w, inv_zeta2, i):
+    tparent, _, tree_weights = grid_tree(weights[i], h, w)
+    return _kernels.propagate_merge_tree(tparent, tree_weights.astype(np.float64), inv_zeta2, planes[i])
+
+
+def _gp_on_tree(planes, edges, weights, inv_zeta2, presorted, i):
+    u, v, wt = edges[i, :, 0], edges[i, :, 1], weights[i]
+    if not presorted:
+        order = _kernels.sorted_edge_order(wt)
+        u, v, wt = u[order], v[order], wt[order]
+    tparent = _kernels.merge_tree(u, v, planes.shape[1])
+    return _kernels.propagate_merge_tree(tparent, wt.astype(np.float64), inv_zeta2, planes[i])
+
+
+@torch.no_grad()
+def global_propagation(
+    values: torch.Tensor,
+    guide_or_tree: GuideOrTree,
+    zeta: float,
+    embedding: Optional[torch.Tensor] = None,
+    num_workers: Optional[int] = None,
+) -> torch.Tensor:
+    """Exact global affinity propagation over a minimum spanning tree (paper Eqs. 3-4).
+
+    ``y_i = sum_j phi_j exp(-C_ij / zeta^2) / sum_j exp(-C_ij / zeta^2)`` over *all* pixels j,
+    where ``C_ij`` is the largest edge weight on the tree path between i and j (0 for i = j).
+    Computed exactly by ascending merges with lazy tags (Sec. 3.3, Alg. 1) in O(N log N):
+    one sort and one union-find per image, shared by all C channels.
+
+    Args:
+        values: ``(B, C, H, W)`` unary term ``phi`` (e.g. mask probabilities).
+        guide_or_tree: ``(B, D, H, W)`` guide (image or features) whose minimum spanning tree
+            is used, or a prebuilt :class:`~apro.tree.SpanningTree` of the same grid.
+        zeta: ``zeta_g > 0``; smaller means sharper affinities.
+        embedding: optional ``(B, E, H, W)``; edge weights on the tree become
+            ``||e_k - e_l||^2`` (the tree itself still comes from the guide). This is the
+            second stage of the released two-stage GP.
+        num_workers: threads over the batch (default ``torch.get_num_threads()``).
+
+    Returns:
+        ``(B, C, H, W)`` on the device and dtype of ``values``. No gradient flows through
+        it: the result is a pseudo-label target. Inputs on CUDA work; the kernel runs on CPU.
+    """
+    _check_values(values)
+    inv_zeta2 = 1.0 / check_positive(zeta, "zeta") ** 2
+    b, _, h, w = values.shape
+    if embedding is not None:
+        check_float_tensor(embedding, "embedding", 4, "(B, E, H, W)")
+        check_same_grid(values, "values", embedding, "embedding")
+    planes = _planes(values)
+
+    if isinstance(guide_or_tree, SpanningTree):
+        tree = guide_or_tree
+        _check_tree(tree, values)
+    else:
+        check_float_tensor(guide_or_tree, "guide_or_tree", 4, "(B, D, H, W) or a SpanningTree")
+        check_same_grid(values, "values", guide_or_tree, "guide_or_tree")
+        if embedding is None:
+            weights = grid_edge_weights(guide_or_tree).numpy()
+            out = map_images(lambda i: _gp_on_grid(planes, weights, h, w, inv_zeta2, i), b, num_workers)
+            return _to_output(out, values)
+        tree = minimum_spanning_tree(guide_or_tree, num_workers=num_workers)
+
+    edges = tree.edges.numpy()
+    if embedding is None:
+        weights, presorted = tree.weights.numpy(), True
+    else:
+        weights, presorted = tree_edge_weights(tree, embedding).numpy(), False
+    out = map_images(lambda i: _gp_on_tree(planes, edges, weights, inv_zeta2, presorted, i), b, num_workers)
+    return _to_output(out, values)
+
+
+@torch.no_grad()
+def tree_filter(
+    values: torch.Tensor,
+    guide_or_tree: GuideOrTree,
+    sigma: float,
+    num_workers: Optional[int] = None,
+) -> torch.Tensor:
+    """Exact tree filter (LTF, NeurIPS 2019; TEL, CVPR 2022) on the minimum spanning tree.
+
+    Like :func:`global_propagation` but the pairwise term is the *product* of edge
+    affinities along the tree path, ``exp(-sum_path w / sigma)``; computed exactly in O(N)
+    with a leaf-to-root and a root-to-leaf pass.
+
+    Args:
+        values: ``(B, C, H, W)``.
+        guide_or_tree: ``(B, D, H, W)`` guide or a :class:`~apro.tree.SpanningTree`.
+        sigma: ``> 0`` (TEL uses 0.02 on the RGB image in [0, 1]).
+
+    Returns:
+        ``(B, C, H, W)``, device and dtype of ``values``, no gradient.
+    """
+    _check_values(values)
+    sigma = check_positive(sigma, "sigma")
+    if isinstance(guide_or_tree, SpanningTree):
+        tree = guide_or_tree
+        _check_tree(tree, values)
+    else:
+        check_float_tensor(guide_or_tree, "guide_or_tree", 4, "(B, D, H, W) or a SpanningTree")
+        check_same_grid(values, "values", guide_or_tree, "guide_or_tree")
+        tree = minimum_spanning_tree(guide_or_tree, num_workers=num_workers)
+    planes = _planes(values)
+    edges = tree.edges.numpy()
+    affinity = np.exp(-tree.weights.numpy().astype(np.float64) / sigma)
+    out = map_images(
+        lambda i: _kernels.tree_filter(edges[i, :, 0], edges[i, :, 1], affinity[i], planes[i]),
+        values.shape[0],
+        num_workers,
+    )
+    return _to_output(out, values)
+
+
+def local_affinity(image: torch.Tensor, kernel_size: int, zeta: float) -> torch.Tensor:
+    """Normalised local affinities ``psi_s(i, j) / z_i`` (paper Eq. 5).
+
+    ``image``: ``(B, D, H, W)``. Returns ``(B, k*k, H, W)``: entry ``s = dy * k + dx`` is the
+    weight pixel ``(y, x)`` gives to ``(y + dy - r, x + dx - r)``; neighbours outside the
+    image get weight 0. Same device and dtype as ``image``.
+    """
+    r = kernel_size // 2
+    b, _, h, w = image.shape
+    img = image.detach()
+    padded = torch.nn.functional.pad(img, (r, r, r, r))
+    inside = torch.nn.functional.pad(img.new_ones(1, 1, h, w), (r, r, r, r))
+    weights = []
+    for dy in range(kernel_size):
+        for dx in range(kernel_size):
+            d = (padded[..., dy : dy + h, dx : dx + w] - img).pow(2).sum(1)
+            weights.append(torch.exp(-d / zeta**2) * inside[0, :, dy : dy + h, dx : dx + w])
+    a = torch.stack(weights, 1)
+    return a / a.sum(1, keepdim=True)
+
+
+def _local_iterate_torch(values, weights, radius, iterations, mask):
+    """Reference-speed LP steps in plain torch (any device)."""
+    k = 2 * radius + 1
+    h, w = values.shape[-2:]
+    y = values * mask
+    for _ in range(iterations):
+        padded = torch.nn.functional.pad(y, (radius, radius, radius, radius))
+        acc = torch.zeros_like(y)
+        for s in range(k * k):
+            dy, dx = divmod(s, k)
+            acc += weights[:, s : s + 1] * padded[..., dy : dy + h, dx : dx + w]
+        y = acc * mask
+    return y
+
+
+@torch.no_grad()
+def local_propagation(
+    values: torch.Tensor,
+    image: torch.Tensor,
+    kernel_size: int = 5,
+    zeta: float = 0.15,
+    iterations: int = 20,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Local affinity propagation (paper Eqs. 5-6), repeated ``iterations`` times.
+
+    Each step ``y_i = sum_{j in N(i)} y_j psi_s(i,j) / sum_{j in N(i)} psi_s(i,j)`` over the
+    ``k x k`` window (i included) with ``psi_s = exp(-||I_i - I_j||^2 / zeta^2)``; pixels
+    outside the image are not neighbours.
+
+    Args:
+        values: ``(B, C, H, W)`` unary term.
+        image: ``(B, D, H, W)`` guide image (ImageNet-normalised in the released settings).
+        kernel_size: odd window size ``k`` (3 or 5 in the paper).
+        zeta: ``zeta_s > 0``.
+        iterations: number of steps ``T >= 0`` (20 is the paper's best, Table 6).
+        mask: optional ``(B, 1, H, W)`` or ``(B, C, H, W)``; multiplies the values before the
+            first step and after every step (the box-supervised use keeps mass in the box).
+
+    Returns:
+        ``(B, C, H, W)`` on the device and dtype of ``values``; no gradient (a target).
+    """
+    _check_values(values)
+    check_float_tensor(image, "image", 4, "(B, D, H, W)")
+    check_same_grid(values, "values", image, "image")
+    k = check_kernel_size(kernel_size)
+    zeta = check_positive(zeta, "zeta")
+    iterations = check_count(iterations, "iterations")
+    b, c, h, w = values.shape
+    if mask is None:
+        mask = values.new_ones(b, 1, h, w)
+    else:
+        check_float_tensor(mask, "mask", 4, "(B, 1, H, W) or (B, C, H, W)")
+        check_same_grid(values, "values", mask, "mask")
+        if mask.shape[1] not in (1, c):
+            raise ValueError(f"mask must have 1 or {c} channels (like values), got {mask.shape[1]}")
+    vals = values.detach()
+    mask = mask.detach().to(device=vals.device, dtype=vals.dtype)
+    weights = local_affinity(image.to(device=vals.device, dtype=vals.dtype), k, zeta)
+    if vals.device.type == "cpu" and vals.dtype in (torch.float32, torch.float64):
+        planes = vals.reshape(b * c, h, w).contiguous().numpy()
+        m = mask.expand(b, c, h, w).reshape(b * c, h, w).contiguous().numpy()
+        out = _kernels.local_iterate(planes, weights.contiguous().numpy(), k // 2, iterations, m)
+        return torch.from_numpy(out).reshape(b, c, h, w)
+    return _local_iterate_torch(vals, weights, k // 2, iterations, mask)
+
+
+class GlobalAffinityPropagation(nn.Module):
+    """Module form of :func:`global_propagation` holding ``zeta``.
+
+    ``forward(values (B, C, H, W), guide_or_tree, embedding=None) -> (B, C, H, W)``.
+    """
+
+    def __init__(self, zeta: float = 0.01):
+        super().__init__()
+        self.zeta = check_positive(zeta, "zeta")
+
+    def forward(self, values, guide_or_tree, embedding=None):
+        return global_propagation(values, guide_or_tree, self.zeta, embedding=embedding)
+
+    def extra_repr(self) -> str:
+        return f"zeta={self.zeta}"
+
+
+class LocalAffinityPropagation(nn.Module):
+    """Module form of :func:`local_propagation` holding ``kernel_size``, ``zeta``, ``iterations``.
+
+    ``forward(values (B, C, H, W), image (B, D, H, W), mask=None) -> (B, C, H, W)``.
+    """
+
+    def __init__(self, kernel_size: int = 5, zeta: float = 0.15, iterations: int = 20):
+        super().__init__()
+        self.kernel_size = check_kernel_size(kernel_size)
+        self.zeta = check_positive(zeta, "zeta")
+        self.iterations = check_count(iterations, "iterations")
+
+    def forward(self, values, image, mask=None):
+        return local_propagation(values, image, self.kernel_size, self.zeta, self.iterations, mask)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, zeta={self.zeta}, iterations={self.iterations}"
+
+
+class TreeFilter(nn.Module):
+    """Module form of :func:`tree_filter` holding ``sigma``."""
+
+    def __init__(self, sigma: float = 0.02):
+        super().__init__()
+        self.sigma = check_positive(sigma, "sigma")
+
+    def forward(self, values, guide_or_tree):
+        return tree_filter(values, guide_or_tree, self.sigma)
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma}"

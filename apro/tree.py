@@ -1,0 +1,87 @@
+"""Minimum spanning trees of the 4-connected pixel grid (paper Sec. 3.2.1)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _kernels
+from ._threads import map_images
+from ._validation import check_float_tensor
+
+
+@dataclass(frozen=True)
+class SpanningTree:
+    """The spanning trees of a batch of ``H x W`` grids.
+
+    ``edges``: ``(B, N-1, 2)`` int64 pixel indices (row-major, ``y * W + x``), sorted by
+    ascending ``weights`` ``(B, N-1)`` float32 (the squared guide distance of each edge).
+    Both live on the CPU, where the sequential kernels run.
+    """
+
+    edges: torch.Tensor
+    weights: torch.Tensor
+    height: int
+    width: int
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.edges.shape[0])
+
+    @property
+    def num_pixels(self) -> int:
+        return self.height * self.width
+
+
+def grid_edge_weights(guide: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distance ``||g_k - g_l||^2`` across every 4-grid edge.
+
+    ``guide``: ``(B, D, H, W)``. Returns ``(B, H*(W-1) + (H-1)*W)`` float32 on the CPU:
+    horizontal edges first (row-major), then vertical ones, matching
+    :func:`apro._kernels.grid_edge_endpoints`.
+    """
+    b = guide.shape[0]
+    g = guide.detach()
+    horizontal = (g[..., :, 1:] - g[..., :, :-1]).pow(2).sum(1).reshape(b, -1)
+    vertical = (g[..., 1:, :] - g[..., :-1, :]).pow(2).sum(1).reshape(b, -1)
+    return torch.cat([horizontal, vertical], 1).to("cpu", torch.float32)
+
+
+def tree_edge_weights(tree: SpanningTree, embedding: torch.Tensor) -> torch.Tensor:
+    """``||e_k - e_l||^2`` for every tree edge. ``embedding``: ``(B, E, H, W)``; returns ``(B, N-1)``."""
+    e = embedding.detach().to("cpu", torch.float64).flatten(2)
+    u = tree.edges[..., 0].unsqueeze(1).expand(-1, e.shape[1], -1)
+    v = tree.edges[..., 1].unsqueeze(1).expand(-1, e.shape[1], -1)
+    return (e.gather(2, u) - e.gather(2, v)).pow(2).sum(1).to(torch.float32)
+
+
+def grid_tree(weights: np.ndarray, height: int, width: int):
+    """Kruskal on one image's grid edge weights (as from :func:`grid_edge_weights`).
+
+    Returns ``(tparent, edges (N-1, 2), edge_weights (N-1,))``, edges in merge order.
+    """
+    keys = _kernels.sorted_edge_keys(weights)
+    tparent, taken = _kernels.grid_merge_tree(keys, height, width)
+    u, v = _kernels.grid_edge_endpoints(height, width)
+    return tparent, np.stack([u[taken], v[taken]], 1), weights[taken]
+
+
+def minimum_spanning_tree(guide: torch.Tensor, num_workers: int | None = None) -> SpanningTree:
+    """Minimum spanning tree of each image's 4-connected grid (Kruskal).
+
+    Args:
+        guide: ``(B, D, H, W)`` float image or feature map; edge weight ``||g_k - g_l||^2``.
+        num_workers: threads over the batch (default: ``torch.get_num_threads()``).
+
+    Returns:
+        :class:`SpanningTree` with ``B`` trees of ``H*W - 1`` edges each, in ascending weight
+        order. Ties are broken by edge index, so the result is deterministic.
+    """
+    check_float_tensor(guide, "guide", 4, "(B, D, H, W)")
+    b, _, h, w = guide.shape
+    weights = grid_edge_weights(guide).numpy()
+    trees = map_images(lambda i: grid_tree(weights[i], h, w), b, num_workers)
+    edges = torch.from_numpy(np.stack([t[1] for t in trees]).reshape(b, h * w - 1, 2))
+    tw = torch.from_numpy(np.stack([t[2] for t in trees]).reshape(b, h * w - 1))
+    return SpanningTree(edges=edges, weights=tw, height=h, width=w)
