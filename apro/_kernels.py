@@ -17,18 +17,10 @@ import numpy as np
 from numba import njit, prange
 
 
-def grid_edge_endpoints(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Endpoints of the grid edges: horizontal edges first (row-major), then vertical."""
-    idx = np.arange(height * width, dtype=np.int64).reshape(height, width)
-    u = np.concatenate([idx[:, :-1].ravel(), idx[:-1, :].ravel()])
-    v = np.concatenate([idx[:, 1:].ravel(), idx[1:, :].ravel()])
-    return u, v
-
-
 def sorted_edge_keys(weights: np.ndarray) -> np.ndarray:
     """Edges sorted by (weight, index), as uint64 keys ``weight bits << 32 | index``.
 
-    Non-negative IEEE floats order like their bit patterns, so sorting these keys by value
+    Non-negative IEEE floats (+inf included) order like their bit patterns, so sorting these keys by value
     (which NumPy does several times faster than ``argsort``) is a stable argsort; the index
     in the low bits breaks ties deterministically.
     """
@@ -75,35 +67,37 @@ def _merge_state(n):
 
 
 @njit(nogil=True, cache=True)
-def grid_merge_tree(keys, height, width):
+def grid_merge_tree(keys, weights, height, width):
     """Kruskal on the 4-grid from edges sorted by (weight, id) (``sorted_edge_keys``).
 
-    Returns ``(tparent, taken)``: the merge tree (``2N-1`` nodes; leaves are pixels, node
-    ``N + t`` is the t-th merge, its parent index is always larger; the root has -1) and the
-    grid edge ids that made the minimum spanning tree, in merge (ascending weight) order.
+    Returns ``(tparent, edges, edge_weights)``: the merge tree (``2N-1`` nodes; leaves are
+    pixels, node ``N + t`` is the t-th merge, its parent index is always larger; the root
+    has -1) and the ``N-1`` tree edges (pixel pairs) with their weights, in merge order.
     """
     n = height * width
     uf, size, node, tparent = _merge_state(n)
-    taken = np.empty(max(n - 1, 0), dtype=np.int64)
-    nh = height * (width - 1)
+    edges = np.empty((max(n - 1, 0), 2), dtype=np.int64)
+    edge_weights = np.empty(max(n - 1, 0), dtype=np.float64)
     nxt = n
     for j in range(keys.shape[0]):
         if nxt == 2 * n - 1:
             break
         e = np.int64(keys[j] & np.uint64(0xFFFFFFFF))
-        if e < nh:
-            p = e + e // (width - 1)
-            q = p + 1
+        if e < n:
+            p = e
+            q = e + 1
         else:
-            p = e - nh
+            p = e - n
             q = p + width
         a = _find(uf, p)
         b = _find(uf, q)
         if a != b:
             _union(uf, size, node, tparent, a, b, nxt)
-            taken[nxt - n] = e
+            edges[nxt - n, 0] = p
+            edges[nxt - n, 1] = q
+            edge_weights[nxt - n] = weights[e]
             nxt += 1
-    return tparent, taken
+    return tparent, edges, edge_weights
 
 
 @njit(nogil=True, cache=True)
@@ -116,41 +110,109 @@ def merge_tree(u, v, n):
 
 
 @njit(nogil=True, cache=True)
-def propagate_merge_tree(tparent, merge_weights, inv_zeta2, values):
+def preorder_merge_tree(tparent, merge_weights):
+    """Lay the merge tree out in depth-first preorder, so the per-channel passes of
+    :func:`propagate_merge_tree` touch memory mostly sequentially.
+
+    Returns ``(ipar, iweight, leaf_pixel, leaf_parent)``: for the ``N-1`` merge nodes in
+    preorder, the preorder position of the parent (-1 at the root) and the merge weight;
+    for the ``N`` pixels in DFS order, the pixel index and its parent's position.
+    """
+    m = tparent.shape[0]
+    n = (m + 1) // 2
+    ipar = np.empty(max(n - 1, 0), dtype=np.int32)
+    iweight = np.empty(max(n - 1, 0), dtype=np.float64)
+    leaf_pixel = np.empty(n, dtype=np.int32)
+    leaf_parent = np.full(n, -1, dtype=np.int32)
+    if n == 1:
+        leaf_pixel[0] = 0
+        return ipar, iweight, leaf_pixel, leaf_parent
+    leaves = np.zeros(n - 1, dtype=np.int32)
+    first = np.full(n - 1, -1, dtype=np.int32)
+    second = np.empty(n - 1, dtype=np.int32)
+    for t in range(m - 1):
+        p = tparent[t] - n
+        leaves[p] += 1 if t < n else leaves[t - n]
+        if first[p] < 0:
+            first[p] = t
+        else:
+            second[p] = t
+    pos = np.empty(n - 1, dtype=np.int32)
+    lstart = np.empty(n - 1, dtype=np.int32)
+    pos[n - 2] = 0
+    lstart[n - 2] = 0
+    ipar[0] = -1
+    iweight[0] = merge_weights[n - 2]
+    for p in range(n - 2, -1, -1):
+        nxt_pos = pos[p] + 1
+        nxt_leaf = lstart[p]
+        for child in (first[p], second[p]):
+            if child < n:
+                leaf_pixel[nxt_leaf] = child
+                leaf_parent[nxt_leaf] = pos[p]
+                nxt_leaf += 1
+            else:
+                q = child - n
+                pos[q] = nxt_pos
+                lstart[q] = nxt_leaf
+                ipar[nxt_pos] = pos[p]
+                iweight[nxt_pos] = merge_weights[q]
+                nxt_pos += leaves[q] - 1
+                nxt_leaf += leaves[q]
+    return ipar, iweight, leaf_pixel, leaf_parent
+
+
+@njit(nogil=True, cache=True)
+def propagate_merge_tree(ipar, iweight, leaf_pixel, leaf_parent, inv_zeta2, values):
     """Exact global affinity propagation on a merge tree (paper Sec. 3.3, Alg. 1).
 
-    When components A and B merge at weight w (merge-tree node p with children A, B), every
-    pixel of A gains ``exp(-w/zeta^2) * S_B`` with ``S_B = S_p - S_A``. The gains are kept
-    as lazy tags on the children and pushed down to the pixels in one pass; the normaliser
-    is the same computation on an all-ones input. ``values``: ``(N, C)`` float64.
+    Takes the preorder layout of :func:`preorder_merge_tree`. When components A and B merge
+    at weight w (merge node p with children A, B), every pixel of A gains
+    ``exp(-w/zeta^2) * S_B`` with ``S_B = S_p - S_A``. The gains are lazy tags on the merge
+    nodes, pushed down to the pixels in one pass. The normaliser is the same computation on
+    an all-ones input, done once; then each channel costs four linear passes. Sums are float64.
+
+    ``values``: ``(C, N)``; returns ``(C, N)`` of the same dtype.
     """
-    n, c = values.shape
-    m = 2 * n - 1
-    f = np.exp(-merge_weights * inv_zeta2)
-    cnt = np.zeros(m)
-    cnt[:n] = 1.0
-    sums = np.zeros((m, c))
-    sums[:n] = values
-    for t in range(m - 1):
-        p = tparent[t]
-        cnt[p] += cnt[t]
-        for k in range(c):
-            sums[p, k] += sums[t, k]
-    zacc = np.empty(m)
-    acc = np.empty((m, c))
-    zacc[m - 1] = 0.0
-    acc[m - 1] = 0.0
-    for t in range(m - 2, -1, -1):
-        p = tparent[t]
-        fp = f[p - n]
-        zacc[t] = zacc[p] + fp * (cnt[p] - cnt[t])
-        for k in range(c):
-            acc[t, k] = acc[p, k] + fp * (sums[p, k] - sums[t, k])
-    out = np.empty((n, c))
-    for i in range(n):
-        z = 1.0 + zacc[i]
-        for k in range(c):
-            out[i, k] = (values[i, k] + acc[i, k]) / z
+    c, n = values.shape
+    out = np.empty_like(values)
+    if n == 1:
+        out[:] = values
+        return out
+    f = np.exp(-iweight * inv_zeta2)
+    count = np.zeros(n - 1)
+    for j in range(n):
+        count[leaf_parent[j]] += 1.0
+    for t in range(n - 2, 0, -1):
+        count[ipar[t]] += count[t]
+    zacc = np.empty(n - 1)
+    zacc[0] = 0.0
+    for t in range(1, n - 1):
+        p = ipar[t]
+        zacc[t] = zacc[p] + f[p] * (count[p] - count[t])
+    norm = np.empty(n)
+    for j in range(n):
+        p = leaf_parent[j]
+        norm[j] = 1.0 / (1.0 + zacc[p] + f[p] * (count[p] - 1.0))
+    sums = np.empty(n - 1)
+    acc = np.empty(n - 1)
+    for k in range(c):
+        vk = values[k]
+        ok = out[k]
+        sums[:] = 0.0
+        for j in range(n):
+            sums[leaf_parent[j]] += vk[leaf_pixel[j]]
+        for t in range(n - 2, 0, -1):
+            sums[ipar[t]] += sums[t]
+        acc[0] = 0.0
+        for t in range(1, n - 1):
+            p = ipar[t]
+            acc[t] = acc[p] + f[p] * (sums[p] - sums[t])
+        for j in range(n):
+            p = leaf_parent[j]
+            i = leaf_pixel[j]
+            v = vk[i]
+            ok[i] = (v + acc[p] + f[p] * (sums[p] - v)) * norm[j]
     return out
 
 
@@ -263,4 +325,39 @@ def local_iterate(values, weights, radius, iterations, mask):
         for y in range(h):
             for x in range(w):
                 out[p, y, x] = cur[y + radius, x + radius]
+    return out
+
+
+@njit(parallel=True, cache=True)
+def local_weights(image, radius, inv_zeta2):
+    """Normalised local affinities (paper Eq. 5) for every pixel and window offset.
+
+    ``image``: ``(B, D, H, W)``. Returns ``(B, K*K, H, W)``; offset ``s = dy * K + dx`` points
+    to ``(y + dy - r, x + dx - r)``. Neighbours outside the image get weight 0.
+    """
+    b, d, h, w = image.shape
+    k = 2 * radius + 1
+    kk = k * k
+    out = np.zeros((b, kk, h, w), dtype=image.dtype)
+    for job in prange(b * kk):
+        bi = job // kk
+        s = job % kk
+        dy = s // k - radius
+        dx = s % k - radius
+        for y in range(max(0, -dy), min(h, h - dy)):
+            for x in range(max(0, -dx), min(w, w - dx)):
+                dist = 0.0
+                for ch in range(d):
+                    diff = image[bi, ch, y + dy, x + dx] - image[bi, ch, y, x]
+                    dist += diff * diff
+                out[bi, s, y, x] = np.exp(-dist * inv_zeta2)
+    for job in prange(b * h):
+        bi = job // h
+        y = job % h
+        for x in range(w):
+            z = 0.0
+            for s in range(kk):
+                z += out[bi, s, y, x]
+            for s in range(kk):
+                out[bi, s, y, x] /= z
     return out

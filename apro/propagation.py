@@ -39,20 +39,27 @@ def _check_tree(tree: SpanningTree, values: torch.Tensor) -> None:
         raise ValueError(f"guide_or_tree holds {tree.batch_size} trees but values has batch size {b}")
 
 
-def _planes(values: torch.Tensor) -> np.ndarray:
-    """``(B, C, H, W)`` -> ``(B, N, C)`` float64 NumPy, channel-last for the kernels."""
-    return values.detach().to("cpu", torch.float64).flatten(2).transpose(1, 2).contiguous().numpy()
+def _planes(values: torch.Tensor, channel_last: bool = False) -> np.ndarray:
+    """``(B, C, H, W)`` -> NumPy ``(B, C, N)`` (float32/64 kept), or ``(B, N, C)`` float64."""
+    v = values.detach().cpu()
+    if channel_last:
+        return v.to(torch.float64).flatten(2).transpose(1, 2).contiguous().numpy()
+    if v.dtype not in (torch.float32, torch.float64):
+        v = v.float()
+    return v.flatten(2).contiguous().numpy()
 
 
-def _to_output(out: list, like: torch.Tensor) -> torch.Tensor:
-    b, c, h, w = like.shape
-    y = torch.from_numpy(np.stack(out)).transpose(1, 2).reshape(b, c, h, w)
-    return y.to(device=like.device, dtype=like.dtype)
+def _to_output(out: list, like: torch.Tensor, channel_last: bool = False) -> torch.Tensor:
+    y = torch.from_numpy(np.stack(out))
+    if channel_last:
+        y = y.transpose(1, 2)
+    return y.reshape(like.shape).to(device=like.device, dtype=like.dtype)
 
 
 def _gp_on_grid(planes, weights, h, w, inv_zeta2, i):
     tparent, _, tree_weights = grid_tree(weights[i], h, w)
-    return _kernels.propagate_merge_tree(tparent, tree_weights.astype(np.float64), inv_zeta2, planes[i])
+    layout = _kernels.preorder_merge_tree(tparent, tree_weights)
+    return _kernels.propagate_merge_tree(*layout, inv_zeta2, planes[i])
 
 
 def _gp_on_tree(planes, edges, weights, inv_zeta2, presorted, i):
@@ -60,8 +67,9 @@ def _gp_on_tree(planes, edges, weights, inv_zeta2, presorted, i):
     if not presorted:
         order = _kernels.sorted_edge_order(wt)
         u, v, wt = u[order], v[order], wt[order]
-    tparent = _kernels.merge_tree(u, v, planes.shape[1])
-    return _kernels.propagate_merge_tree(tparent, wt.astype(np.float64), inv_zeta2, planes[i])
+    tparent = _kernels.merge_tree(u, v, planes.shape[2])
+    layout = _kernels.preorder_merge_tree(tparent, wt.astype(np.float64))
+    return _kernels.propagate_merge_tree(*layout, inv_zeta2, planes[i])
 
 
 @torch.no_grad()
@@ -152,7 +160,7 @@ def tree_filter(
         check_float_tensor(guide_or_tree, "guide_or_tree", 4, "(B, D, H, W) or a SpanningTree")
         check_same_grid(values, "values", guide_or_tree, "guide_or_tree")
         tree = minimum_spanning_tree(guide_or_tree, num_workers=num_workers)
-    planes = _planes(values)
+    planes = _planes(values, channel_last=True)
     edges = tree.edges.numpy()
     affinity = np.exp(-tree.weights.numpy().astype(np.float64) / sigma)
     out = map_images(
@@ -160,7 +168,7 @@ def tree_filter(
         values.shape[0],
         num_workers,
     )
-    return _to_output(out, values)
+    return _to_output(out, values, channel_last=True)
 
 
 def local_affinity(image: torch.Tensor, kernel_size: int, zeta: float) -> torch.Tensor:
@@ -170,9 +178,17 @@ def local_affinity(image: torch.Tensor, kernel_size: int, zeta: float) -> torch.
     weight pixel ``(y, x)`` gives to ``(y + dy - r, x + dx - r)``; neighbours outside the
     image get weight 0. Same device and dtype as ``image``.
     """
-    r = kernel_size // 2
-    b, _, h, w = image.shape
     img = image.detach()
+    if img.device.type == "cpu" and img.dtype in (torch.float32, torch.float64):
+        out = _kernels.local_weights(img.contiguous().numpy(), kernel_size // 2, 1.0 / zeta**2)
+        return torch.from_numpy(out)
+    return _local_affinity_torch(img, kernel_size, zeta)
+
+
+def _local_affinity_torch(img: torch.Tensor, kernel_size: int, zeta: float) -> torch.Tensor:
+    """:func:`local_affinity` in plain torch (any device)."""
+    r = kernel_size // 2
+    b, _, h, w = img.shape
     padded = torch.nn.functional.pad(img, (r, r, r, r))
     inside = torch.nn.functional.pad(img.new_ones(1, 1, h, w), (r, r, r, r))
     weights = []

@@ -33,19 +33,25 @@ class SpanningTree:
     def num_pixels(self) -> int:
         return self.height * self.width
 
+    def select(self, index: torch.Tensor) -> "SpanningTree":
+        """Trees picked (and possibly repeated) by ``index`` ``(M,)``, e.g. one per instance."""
+        index = torch.as_tensor(index, dtype=torch.long, device="cpu")
+        return SpanningTree(self.edges[index], self.weights[index], self.height, self.width)
+
 
 def grid_edge_weights(guide: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distance ``||g_k - g_l||^2`` across every 4-grid edge.
 
-    ``guide``: ``(B, D, H, W)``. Returns ``(B, H*(W-1) + (H-1)*W)`` float32 on the CPU:
-    horizontal edges first (row-major), then vertical ones, matching
-    :func:`apro._kernels.grid_edge_endpoints`.
+    ``guide``: ``(B, D, H, W)``. Returns ``(B, 2*H*W)`` float32 on the CPU: entry ``p`` is the
+    edge from pixel ``p`` to its right neighbour, entry ``H*W + p`` the edge to the pixel
+    below; slots without a neighbour (last column, last row) hold ``inf`` and sort last.
     """
-    b = guide.shape[0]
+    b, _, h, w = guide.shape
     g = guide.detach()
-    horizontal = (g[..., :, 1:] - g[..., :, :-1]).pow(2).sum(1).reshape(b, -1)
-    vertical = (g[..., 1:, :] - g[..., :-1, :]).pow(2).sum(1).reshape(b, -1)
-    return torch.cat([horizontal, vertical], 1).to("cpu", torch.float32)
+    out = g.new_full((b, 2, h, w), float("inf"))
+    out[:, 0, :, :-1] = (g[..., :, 1:] - g[..., :, :-1]).pow(2).sum(1)
+    out[:, 1, :-1, :] = (g[..., 1:, :] - g[..., :-1, :]).pow(2).sum(1)
+    return out.reshape(b, -1).to("cpu", torch.float32)
 
 
 def tree_edge_weights(tree: SpanningTree, embedding: torch.Tensor) -> torch.Tensor:
@@ -62,9 +68,7 @@ def grid_tree(weights: np.ndarray, height: int, width: int):
     Returns ``(tparent, edges (N-1, 2), edge_weights (N-1,))``, edges in merge order.
     """
     keys = _kernels.sorted_edge_keys(weights)
-    tparent, taken = _kernels.grid_merge_tree(keys, height, width)
-    u, v = _kernels.grid_edge_endpoints(height, width)
-    return tparent, np.stack([u[taken], v[taken]], 1), weights[taken]
+    return _kernels.grid_merge_tree(keys, weights, height, width)
 
 
 def minimum_spanning_tree(guide: torch.Tensor, num_workers: int | None = None) -> SpanningTree:
@@ -83,5 +87,5 @@ def minimum_spanning_tree(guide: torch.Tensor, num_workers: int | None = None) -
     weights = grid_edge_weights(guide).numpy()
     trees = map_images(lambda i: grid_tree(weights[i], h, w), b, num_workers)
     edges = torch.from_numpy(np.stack([t[1] for t in trees]).reshape(b, h * w - 1, 2))
-    tw = torch.from_numpy(np.stack([t[2] for t in trees]).reshape(b, h * w - 1))
+    tw = torch.from_numpy(np.stack([t[2] for t in trees]).reshape(b, h * w - 1).astype(np.float32))
     return SpanningTree(edges=edges, weights=tw, height=h, width=w)

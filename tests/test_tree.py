@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.sparse.csgraph import minimum_spanning_tree as scipy_mst
+
+import apro
+from apro import _kernels
+from apro.tree import grid_edge_weights
+
+
+def _grid_graph(guide):
+    """All 4-grid edges with weight ||g_k - g_l||^2, built by plain loops."""
+    d, h, w = guide.shape
+    rows, cols, wts = [], [], []
+    for y in range(h):
+        for x in range(w):
+            for yy, xx in ((y, x + 1), (y + 1, x)):
+                if yy < h and xx < w:
+                    rows.append(y * w + x)
+                    cols.append(yy * w + xx)
+                    wts.append(float(((guide[:, y, x] - guide[:, yy, xx]) ** 2).sum()))
+    return np.array(rows), np.array(cols), np.array(wts)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (8, 1), (6, 7), (10, 3)])
+def test_mst_is_a_minimum_spanning_tree(shape):
+    g = torch.Generator().manual_seed(shape[0] * 31 + shape[1])
+    guide = torch.rand(2, 3, *shape, generator=g)
+    tree = apro.minimum_spanning_tree(guide)
+    n = shape[0] * shape[1]
+    assert tree.edges.shape == (2, n - 1, 2) and tree.weights.shape == (2, n - 1)
+    for b in range(2):
+        r, c, w = _grid_graph(guide[b].double().numpy())
+        edges = tree.edges[b].numpy()
+        # every tree edge is a grid edge with the stated weight
+        lookup = {(int(a), int(bb)): ww for a, bb, ww in zip(r, c, w)}
+        for (p, q), wt in zip(edges.tolist(), tree.weights[b].tolist()):
+            key = (min(p, q), max(p, q))
+            assert key in lookup
+            assert wt == pytest.approx(lookup[key], abs=1e-6)
+        # ascending, spanning, and of minimum total weight
+        assert bool((tree.weights[b][1:] >= tree.weights[b][:-1]).all())
+        if n > 1:
+            adj = coo_matrix((np.ones(n - 1), (edges[:, 0], edges[:, 1])), shape=(n, n))
+            assert connected_components(adj, directed=False)[0] == 1
+            full = coo_matrix((w + 1e-9, (r, c)), shape=(n, n))  # +eps: scipy drops zero weights
+            best = scipy_mst(full).sum() - (n - 1) * 1e-9
+            assert tree.weights[b].double().sum().item() == pytest.approx(best, abs=1e-5)
+
+
+def test_mst_with_ties_is_deterministic():
+    guide = torch.zeros(1, 1, 6, 6)
+    t1 = apro.minimum_spanning_tree(guide)
+    t2 = apro.minimum_spanning_tree(guide)
+    assert torch.equal(t1.edges, t2.edges)
+    assert float(t1.weights.sum()) == 0.0
+
+
+def test_select_repeats_trees():
+    tree = apro.minimum_spanning_tree(torch.rand(2, 3, 4, 5))
+    sel = tree.select(torch.tensor([1, 1, 0]))
+    assert sel.batch_size == 3 and torch.equal(sel.edges[0], tree.edges[1])
+
+
+def test_grid_edge_weights_layout():
+    guide = torch.arange(6.0).reshape(1, 1, 2, 3)
+    w = grid_edge_weights(guide)[0]
+    # right neighbours: diff 1 inside rows; below: diff 3; missing neighbours are inf
+    assert w[:6].tolist() == [1, 1, float("inf"), 1, 1, float("inf")]
+    assert w[6:].tolist() == [9, 9, 9] + [float("inf")] * 3
+
+
+def test_sorted_edge_order_is_a_stable_argsort():
+    rng = np.random.default_rng(0)
+    w = rng.integers(0, 5, 1000).astype(np.float32) / 4
+    np.testing.assert_array_equal(_kernels.sorted_edge_order(w), np.argsort(w, kind="stable"))
