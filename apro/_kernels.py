@@ -14,7 +14,7 @@ The tests check each against a brute-force oracle.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 
 def sorted_edge_keys(weights: np.ndarray) -> np.ndarray:
@@ -292,20 +292,18 @@ def tree_filter(u, v, affinity, values):
     return out
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def local_iterate(values, weights, radius, iterations, mask):
-    """Fused local propagation steps (paper Eq. 6, repeated).
+    """Fused local propagation steps (paper Eq. 6, repeated) for the planes of one image.
 
-    ``values``: ``(P, H, W)`` float32 planes; ``weights``: ``(Q, K*K, H, W)`` normalised
-    affinities, plane ``p`` uses ``weights[p // (P // Q)]``; ``mask``: ``(P, H, W)``,
-    applied before the first step and after every step.
+    ``values``: ``(C, H, W)``; ``weights``: ``(K*K, H, W)`` normalised affinities shared by
+    the planes; ``mask``: ``(C, H, W)``, applied before the first step and after every step.
     """
     planes, h, w = values.shape
-    per = planes // weights.shape[0]
     k = 2 * radius + 1
     out = np.empty_like(values)
-    for p in prange(planes):
-        wt = weights[p // per]
+    wt = weights
+    for p in range(planes):
         cur = np.zeros((h + 2 * radius, w + 2 * radius), dtype=values.dtype)
         for y in range(h):
             for x in range(w):
@@ -328,36 +326,32 @@ def local_iterate(values, weights, radius, iterations, mask):
     return out
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def local_weights(image, radius, inv_zeta2):
-    """Normalised local affinities (paper Eq. 5) for every pixel and window offset.
+    """Normalised local affinities (paper Eq. 5) for every pixel and window offset of one image.
 
-    ``image``: ``(B, D, H, W)``. Returns ``(B, K*K, H, W)``; offset ``s = dy * K + dx`` points
-    to ``(y + dy - r, x + dx - r)``. Neighbours outside the image get weight 0.
+    ``image``: ``(D, H, W)``. Returns ``(K*K, H, W)``; offset ``s = dy * K + dx`` points to
+    ``(y + dy - r, x + dx - r)``. Neighbours outside the image get weight 0.
     """
-    b, d, h, w = image.shape
+    d, h, w = image.shape
     k = 2 * radius + 1
     kk = k * k
-    out = np.zeros((b, kk, h, w), dtype=image.dtype)
-    for job in prange(b * kk):
-        bi = job // kk
-        s = job % kk
+    out = np.zeros((kk, h, w), dtype=image.dtype)
+    for s in range(kk):
         dy = s // k - radius
         dx = s % k - radius
         for y in range(max(0, -dy), min(h, h - dy)):
             for x in range(max(0, -dx), min(w, w - dx)):
                 dist = 0.0
                 for ch in range(d):
-                    diff = image[bi, ch, y + dy, x + dx] - image[bi, ch, y, x]
+                    diff = image[ch, y + dy, x + dx] - image[ch, y, x]
                     dist += diff * diff
-                out[bi, s, y, x] = np.exp(-dist * inv_zeta2)
-    for job in prange(b * h):
-        bi = job // h
-        y = job % h
+                out[s, y, x] = np.exp(-dist * inv_zeta2)
+    for y in range(h):
         for x in range(w):
             z = 0.0
             for s in range(kk):
-                z += out[bi, s, y, x]
+                z += out[s, y, x]
             for s in range(kk):
-                out[bi, s, y, x] /= z
+                out[s, y, x] /= z
     return out

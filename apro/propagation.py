@@ -180,8 +180,9 @@ def local_affinity(image: torch.Tensor, kernel_size: int, zeta: float) -> torch.
     """
     img = image.detach()
     if img.device.type == "cpu" and img.dtype in (torch.float32, torch.float64):
-        out = _kernels.local_weights(img.contiguous().numpy(), kernel_size // 2, 1.0 / zeta**2)
-        return torch.from_numpy(out)
+        arr = img.contiguous().numpy()
+        out = map_images(lambda i: _kernels.local_weights(arr[i], kernel_size // 2, 1.0 / zeta**2), len(arr), None)
+        return torch.from_numpy(np.stack(out))
     return _local_affinity_torch(img, kernel_size, zeta)
 
 
@@ -260,10 +261,11 @@ def local_propagation(
     mask = mask.detach().to(device=vals.device, dtype=vals.dtype)
     weights = local_affinity(image.to(device=vals.device, dtype=vals.dtype), k, zeta)
     if vals.device.type == "cpu" and vals.dtype in (torch.float32, torch.float64):
-        planes = vals.reshape(b * c, h, w).contiguous().numpy()
-        m = mask.expand(b, c, h, w).reshape(b * c, h, w).contiguous().numpy()
-        out = _kernels.local_iterate(planes, weights.contiguous().numpy(), k // 2, iterations, m)
-        return torch.from_numpy(out).reshape(b, c, h, w)
+        planes = vals.contiguous().numpy()
+        m = mask.expand(b, c, h, w).contiguous().numpy()
+        wts = weights.contiguous().numpy()
+        out = map_images(lambda i: _kernels.local_iterate(planes[i], wts[i], k // 2, iterations, m[i]), b, None)
+        return torch.from_numpy(np.stack(out))
     return _local_iterate_torch(vals, weights, k // 2, iterations, mask)
 
 
