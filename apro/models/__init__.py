@@ -1,0 +1,40 @@
+"""Instance segmentation model trained from boxes: SOLOv2 with EfficientNet-Lite0 or ResNet backbones."""
+from .backbones import (
+    BACKBONES,
+    EfficientNetLite0,
+    FrozenBatchNorm2d,
+    ResNet,
+    build_backbone,
+    freeze_batch_norm,
+    load_backbone_weights,
+)
+from .fpn import FPN
+from .solov2 import (
+    PAPER_SETTINGS,
+    SOLOv2,
+    FocalLoss,
+    MatrixNMS,
+    box_masks,
+    grid_targets,
+    matrix_nms,
+    sigmoid_focal_loss,
+)
+
+__all__ = [
+    "BACKBONES",
+    "EfficientNetLite0",
+    "FPN",
+    "FocalLoss",
+    "FrozenBatchNorm2d",
+    "MatrixNMS",
+    "PAPER_SETTINGS",
+    "ResNet",
+    "SOLOv2",
+    "box_masks",
+    "build_backbone",
+    "freeze_batch_norm",
+    "grid_targets",
+    "load_backbone_weights",
+    "matrix_nms",
+    "sigmoid_focal_loss",
+]
