@@ -1,0 +1,113 @@
+"""`apro refine`, `apro demo`, `apro affinity`: outputs written, bad input -> one line, exit 2, no file."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from apro.cli import main
+
+FAST = ["--steps", "3", "--size", "24", "--quiet"]
+
+
+@pytest.fixture()
+def scene(tmp_path):
+    """A 40x50 PNG with a bright square object, its box, scribbles and points files."""
+    rng = np.random.default_rng(0)
+    img = np.full((40, 50, 3), 60, np.uint8) + rng.integers(0, 20, (40, 50, 3), dtype=np.uint8)
+    img[10:30, 15:35] = (220, 180, 40)
+    image = tmp_path / "image.png"
+    Image.fromarray(img).save(image)
+    scr = np.zeros((40, 50), np.uint8)
+    scr[20, 20:30] = 1
+    scr[2, :] = 2
+    scribbles = tmp_path / "scribbles.png"
+    p = Image.fromarray(scr, mode="P")
+    p.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * (256 * 3 - 9))
+    p.save(scribbles)
+    points = tmp_path / "points.txt"
+    points.write_text("# x y label\n25 20 object\n3 3 background\n45 36 0\n")
+    return {"dir": tmp_path, "image": str(image), "scribbles": str(scribbles), "points": str(points)}
+
+
+def _outputs(d):
+    return sorted(p.name for p in d.iterdir() if p.name.startswith(("mask", "over", ".apro", "fig", "demo")))
+
+
+def _error(capsys, argv, d):
+    before = _outputs(d)
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("apro: error: ") and "\n" not in err, err
+    assert _outputs(d) == before  # no partial output, no temp file left behind
+    return err
+
+
+def test_refine_box_writes_mask_and_overlay(scene, capsys):
+    d = scene["dir"]
+    code = main(["refine", scene["image"], "--box", "12", "8", "38", "32", "-o", str(d / "mask.png"),
+                 "--overlay", str(d / "overlay.png"), *FAST])
+    assert code == 0
+    assert "mask.png" in capsys.readouterr().out
+    mask = np.array(Image.open(d / "mask.png"))
+    assert mask.shape == (40, 50) and set(np.unique(mask)) <= {0, 255}
+    assert not mask[:8].any() and not mask[:, 38:].any()  # nothing outside the box
+    assert np.array(Image.open(d / "overlay.png")).shape == (40, 50, 3)
+    assert _outputs(d) == ["mask.png", "overlay.png"]
+
+
+@pytest.mark.parametrize("kind", ["scribbles", "points"])
+def test_refine_sparse_labels(scene, kind):
+    d = scene["dir"]
+    assert main(["refine", scene["image"], f"--{kind}", scene[kind], "-o", str(d / "mask.png"), *FAST]) == 0
+    assert np.array(Image.open(d / "mask.png")).shape == (40, 50)
+
+
+def test_points_json_format(scene):
+    d = scene["dir"]
+    pts = d / "points.json"
+    pts.write_text(json.dumps({"points": [[25, 20, "object"], {"x": 2, "y": 2, "label": "bg"}]}))
+    assert main(["refine", scene["image"], "--points", str(pts), "-o", str(d / "mask.png"), *FAST]) == 0
+
+
+def test_error_cases(scene, capsys, tmp_path):
+    d, image = scene["dir"], scene["image"]
+    out = ["-o", str(d / "mask.png"), "--overlay", str(d / "overlay.png"), *FAST]
+    box = ["--box", "12", "8", "38", "32"]
+    assert "does not exist" in _error(capsys, ["refine", str(d / "missing.png"), *box, *out], d)
+    (d / "notimage.png").write_text("hello")
+    assert "cannot read" in _error(capsys, ["refine", str(d / "notimage.png"), *box, *out], d)
+    assert "outside" in _error(capsys, ["refine", image, "--box", "100", "100", "120", "130", *out], d)
+    assert "empty" in _error(capsys, ["refine", image, "--box", "20", "8", "20", "32", *out], d)
+    assert "unknown --method" in _error(capsys, ["refine", image, *box, "--method", "magic", *out], d)
+    empty = d / "empty.png"
+    Image.fromarray(np.zeros((40, 50), np.uint8), mode="P").save(empty)
+    assert "no pixel" in _error(capsys, ["refine", image, "--scribbles", str(empty), *out], d)
+    small = d / "small.png"
+    Image.fromarray(np.ones((20, 25), np.uint8), mode="P").save(small)
+    assert "20" in _error(capsys, ["refine", image, "--scribbles", str(small), *out], d)
+    assert "does not exist" in _error(capsys, ["refine", image, "--points", str(d / "nope.txt"), *out], d)
+    (d / "nopoints.txt").write_text("# nothing\n")
+    assert "no points" in _error(capsys, ["refine", image, "--points", str(d / "nopoints.txt"), *out], d)
+    (d / "onlyobj.txt").write_text("3 3 1\n")
+    assert "background" in _error(capsys, ["refine", image, "--points", str(d / "onlyobj.txt"), *out], d)
+    assert "folder" in _error(capsys, ["refine", image, *box, "-o", str(d / "no" / "mask.png"), *FAST], d)
+    assert "method" in _error(capsys, ["refine", image, "--scribbles", scene["scribbles"], "--method", "box", *out], d)
+
+
+def test_demo_writes_the_overlay(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "-o", str(out), "--steps", "2", "--quiet"]) == 0
+    assert str(out) in capsys.readouterr().out
+    with Image.open(out) as im:
+        assert im.size == (512, 512) and im.mode == "RGB"
+
+
+def test_affinity_command(scene, capsys):
+    d = scene["dir"]
+    fig = d / "fig.png"
+    assert main(["affinity", scene["image"], "--pixel", "20", "15", "-o", str(fig)]) == 0
+    assert Image.open(fig).format == "PNG"
+    fig.unlink()
+    assert "outside" in _error(capsys, ["affinity", scene["image"], "--pixel", "50", "10", "-o", str(fig)], d)
