@@ -141,7 +141,6 @@ def _fit(
     """Adam on the chosen parametrisation; returns the final logits ``(1, K, h, w)``."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(settings.seed)
-    numba_threads = _numba_threads(1)
     try:
         if settings.model == "cnn":
             net = _TinyNet(out_channels)
@@ -169,24 +168,6 @@ def _fit(
             return predict().detach()
     finally:
         torch.random.set_rng_state(gen_state)
-        _numba_threads(numba_threads)
-
-
-def _numba_threads(count) -> tuple:
-    """Set numba's thread count (``count`` int) or restore a saved ``(numba, torch)`` pair;
-    returns the previous pair. The working grid of one image is small (~7k pixels): the
-    parallel LP kernel's thread start-up costs more than it saves there (measured on the
-    2-core machine under load: 137 ms -> 27 ms per LP call at 72 x 96). With numba's OpenMP
-    threading layer this also changes torch's OpenMP thread count, so both are restored."""
-    import numba
-
-    previous = (numba.get_num_threads(), torch.get_num_threads())
-    if isinstance(count, tuple):
-        numba.set_num_threads(count[0])
-        torch.set_num_threads(count[1])
-    else:
-        numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
-    return previous
 
 
 def _check_image(image: torch.Tensor) -> torch.Tensor:

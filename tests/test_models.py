@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import numba
 import pytest
 import torch
 
@@ -25,12 +24,10 @@ from apro.models import (
 def _one_thread():
     """One intra-op thread: these small models gain nothing from more, and on a busy machine
     spinning OpenMP workers make them many times slower."""
-    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    numba.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    numba.set_num_threads(numba_threads)
 
 
 # A small, fast configuration (random init) shared by most tests.
