@@ -1,0 +1,63 @@
+"""``apro eval``: COCO mask AP, AP50 and AP75 of a trained checkpoint (paper Sec. 4.1, pycocotools)."""
+from __future__ import annotations
+
+import json
+
+from . import CommandError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="mask AP of a trained checkpoint on a COCO JSON with masks",
+        description="Predict every image of a COCO instances JSON (which must carry masks) with a checkpoint "
+                    "of `apro train box` and print COCO mask AP, AP50 and AP75 (pycocotools).",
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file or run directory (latest checkpoint)")
+    p.add_argument("--data", metavar="DIR", required=True, help="folder of the images")
+    p.add_argument("--ann", metavar="EVAL.json", required=True, help="COCO instances JSON with segmentation")
+    p.add_argument("--short-side", dest="short_side", type=int, metavar="PX",
+                   help="resize images to this short side (default: the run's test_short_side)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--box-baseline", dest="box_baseline", action="store_true",
+                   help="also print the AP of the filled ground-truth boxes")
+    p.add_argument("--json", metavar="FILE", help="also write the scores to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..evaluation import evaluate_masks, filled_box_predictions
+    from ..training import CheckpointError, evaluate_model, load_trained_model
+    from .train import format_scores
+
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model, config, meta = load_trained_model(args.checkpoint, device=device)
+    except CheckpointError as err:
+        raise CommandError(str(err)) from None
+    if "category_ids" not in meta:
+        raise CommandError(f"{args.checkpoint} does not record the COCO category ids of its classes")
+    short_side = args.short_side or config.test_short_side
+    try:
+        scores = evaluate_model(model, args.data, args.ann, short_side=short_side, max_size=config.max_size,
+                                category_ids=meta["category_ids"], batch_size=args.batch_size,
+                                progress=not args.quiet)
+        print(format_scores(scores))
+        result = {"model": scores}
+        if args.box_baseline:
+            box = evaluate_masks(filled_box_predictions(args.ann), args.ann)
+            print("filled boxes: " + format_scores(box))
+            result["filled_boxes"] = box
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise CommandError(str(err)) from None
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
