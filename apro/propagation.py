@@ -259,14 +259,36 @@ def local_propagation(
             raise ValueError(f"mask must have 1 or {c} channels (like values), got {mask.shape[1]}")
     vals = values.detach()
     mask = mask.detach().to(device=vals.device, dtype=vals.dtype)
-    weights = local_affinity(image.to(device=vals.device, dtype=vals.dtype), k, zeta)
+    img = image.detach().to(device=vals.device, dtype=vals.dtype)
     if vals.device.type == "cpu" and vals.dtype in (torch.float32, torch.float64):
         planes = vals.contiguous().numpy()
         m = mask.expand(b, c, h, w).contiguous().numpy()
-        wts = weights.contiguous().numpy()
-        out = map_images(lambda i: _kernels.local_iterate(planes[i], wts[i], k // 2, iterations, m[i]), b, None)
-        return torch.from_numpy(np.stack(out))
-    return _local_iterate_torch(vals, weights, k // 2, iterations, mask)
+        guide = img.contiguous().numpy()
+        out = np.zeros_like(planes)
+        map_images(lambda i: _lp_image(planes[i], guide[i], m[i], k // 2, zeta, iterations, out[i]), b, None)
+        return torch.from_numpy(out)
+    return _local_iterate_torch(vals, local_affinity(img, k, zeta), k // 2, iterations, mask)
+
+
+def _lp_image(values, image, mask, radius, zeta, iterations, out):
+    """LP of one image on the CPU, restricted to the mask's bounding box grown by ``radius``.
+
+    Exact: outside the mask every value is 0 after each step, and every pixel of the box
+    keeps its whole window (or the image border) inside the grown crop, so its normaliser
+    is unchanged.
+    """
+    rows = np.flatnonzero(mask.any(axis=(0, 2)))
+    cols = np.flatnonzero(mask.any(axis=(0, 1)))
+    if rows.size == 0:
+        return
+    h, w = values.shape[-2:]
+    y0, y1 = max(0, rows[0] - radius), min(h, rows[-1] + radius + 1)
+    x0, x1 = max(0, cols[0] - radius), min(w, cols[-1] + radius + 1)
+    crop = (slice(None), slice(y0, y1), slice(x0, x1))
+    weights = _kernels.local_weights(np.ascontiguousarray(image[crop]), radius, 1.0 / zeta**2)
+    out[crop] = _kernels.local_iterate(
+        np.ascontiguousarray(values[crop]), weights, radius, iterations, np.ascontiguousarray(mask[crop])
+    )
 
 
 class GlobalAffinityPropagation(nn.Module):

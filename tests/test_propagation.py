@@ -277,3 +277,16 @@ def test_bad_input_names_the_argument(index):
     call, name = _bad_calls()[index]
     with pytest.raises((ValueError, TypeError), match=name):
         call()
+
+
+def test_lp_on_the_mask_crop_equals_full_image():
+    g = torch.Generator().manual_seed(12)
+    image = torch.rand(3, 3, 30, 40, generator=g)
+    values = torch.rand(3, 2, 30, 40, generator=g)
+    mask = torch.zeros(3, 1, 30, 40)
+    mask[0, :, 10:18, 12:20] = 1  # interior box: the kernel runs on a crop
+    mask[1, :, 0:5, 30:40] = 1  # box touching the border
+    fast = apro.local_propagation(values, image, 5, 0.2, 7, mask=mask)
+    slow = _local_iterate_torch(values, _local_affinity_torch(image, 5, 0.2), 2, 7, mask)
+    torch.testing.assert_close(fast, slow)
+    assert bool((fast[2] == 0).all())  # empty mask
