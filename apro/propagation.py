@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import _kernels
-from ._threads import map_images
+from ._threads import default_workers, map_images
 from ._validation import (
     check_count,
     check_float_tensor,
@@ -56,20 +56,33 @@ def _to_output(out: list, like: torch.Tensor, channel_last: bool = False) -> tor
     return y.reshape(like.shape).to(device=like.device, dtype=like.dtype)
 
 
-def _gp_on_grid(planes, weights, h, w, inv_zeta2, i):
-    tparent, _, tree_weights = grid_tree(weights[i], h, w)
-    layout = _kernels.preorder_merge_tree(tparent, tree_weights)
-    return _kernels.propagate_merge_tree(*layout, inv_zeta2, planes[i])
+def _grid_layout(weights, h, w):
+    tparent, _, tree_weights = grid_tree(weights, h, w)
+    return _kernels.preorder_merge_tree(tparent, tree_weights)
 
 
-def _gp_on_tree(planes, edges, weights, inv_zeta2, presorted, i):
-    u, v, wt = edges[i, :, 0], edges[i, :, 1], weights[i]
+def _tree_layout(edges, weights, n, presorted):
+    u, v, wt = edges[:, 0], edges[:, 1], weights
     if not presorted:
         order = _kernels.sorted_edge_order(wt)
         u, v, wt = u[order], v[order], wt[order]
-    tparent = _kernels.merge_tree(u, v, planes.shape[2])
-    layout = _kernels.preorder_merge_tree(tparent, wt.astype(np.float64))
-    return _kernels.propagate_merge_tree(*layout, inv_zeta2, planes[i])
+    return _kernels.preorder_merge_tree(_kernels.merge_tree(u, v, n), wt.astype(np.float64))
+
+
+def _propagate_layouts(layouts, planes, inv_zeta2, num_workers):
+    """Per-channel GP passes; when there are fewer images than threads, the channels of an
+    image are split across threads (each chunk redoes the cheap normaliser pass)."""
+    b, c, _ = planes.shape
+    workers = num_workers or default_workers()
+    chunks = max(1, min(c, workers // b))
+    bounds = np.linspace(0, c, chunks + 1).astype(int)
+    jobs = [(i, bounds[j], bounds[j + 1]) for i in range(b) for j in range(chunks)]
+    parts = map_images(
+        lambda k: _kernels.propagate_merge_tree(*layouts[jobs[k][0]], inv_zeta2, planes[jobs[k][0], jobs[k][1] : jobs[k][2]]),
+        len(jobs),
+        num_workers,
+    )
+    return [np.concatenate(parts[i * chunks : (i + 1) * chunks]) for i in range(b)]
 
 
 @torch.no_grad()
@@ -95,7 +108,8 @@ def global_propagation(
         embedding: optional ``(B, E, H, W)``; edge weights on the tree become
             ``||e_k - e_l||^2`` (the tree itself still comes from the guide). This is the
             second stage of the released two-stage GP.
-        num_workers: threads over the batch (default ``torch.get_num_threads()``).
+        num_workers: threads over the batch, and over the channels when there are fewer
+            images than threads (default ``torch.get_num_threads()``).
 
     Returns:
         ``(B, C, H, W)`` on the device and dtype of ``values``. No gradient flows through
@@ -117,8 +131,8 @@ def global_propagation(
         check_same_grid(values, "values", guide_or_tree, "guide_or_tree")
         if embedding is None:
             weights = grid_edge_weights(guide_or_tree).numpy()
-            out = map_images(lambda i: _gp_on_grid(planes, weights, h, w, inv_zeta2, i), b, num_workers)
-            return _to_output(out, values)
+            layouts = map_images(lambda i: _grid_layout(weights[i], h, w), b, num_workers)
+            return _to_output(_propagate_layouts(layouts, planes, inv_zeta2, num_workers), values)
         tree = minimum_spanning_tree(guide_or_tree, num_workers=num_workers)
 
     edges = tree.edges.numpy()
@@ -126,8 +140,8 @@ def global_propagation(
         weights, presorted = tree.weights.numpy(), True
     else:
         weights, presorted = tree_edge_weights(tree, embedding).numpy(), False
-    out = map_images(lambda i: _gp_on_tree(planes, edges, weights, inv_zeta2, presorted, i), b, num_workers)
-    return _to_output(out, values)
+    layouts = map_images(lambda i: _tree_layout(edges[i], weights[i], h * w, presorted), b, num_workers)
+    return _to_output(_propagate_layouts(layouts, planes, inv_zeta2, num_workers), values)
 
 
 @torch.no_grad()
