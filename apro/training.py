@@ -22,18 +22,18 @@ import json
 import math
 import os
 import random
-import tempfile
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ._atomic import atomic_path
 
 CHECKPOINT_PREFIX = "checkpoint_"
 CHECKPOINT_SUFFIX = ".pt"
@@ -258,19 +258,8 @@ def save_checkpoint(state: dict, path) -> Path:
     either its previous content or the complete new one, and no temporary file is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
     _fsync_dir(path.parent)
     return path
 
@@ -364,10 +353,8 @@ class LossLog:
     def _rewrite(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for name, write in ((LOG_CSV, self._write_csv), (LOG_JSONL, self._write_jsonl)):
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.out_dir)
-            with os.fdopen(fd, "w", newline="") as f:
+            with atomic_path(self.out_dir / name) as tmp, open(tmp, "w", newline="") as f:
                 write(f, self.rows)
-            os.replace(tmp, self.out_dir / name)
 
     def _write_csv(self, f, rows, header=True) -> None:
         writer = csv.DictWriter(f, fieldnames=self.columns, restval="")

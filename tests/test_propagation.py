@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import apro
 from apro.propagation import _local_affinity_torch, _local_iterate_torch, local_affinity
-from apro.tree import SpanningTree, grid_edge_weights, tree_edge_weights
+from apro.tree import SpanningTree, grid_edge_weights
 from oracles import (
     global_propagation_oracle,
     local_propagation_oracle,

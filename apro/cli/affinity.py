@@ -1,12 +1,11 @@
 """``apro affinity``: the paper's Fig. 3 for one pixel: tree filter, LP and GP affinity maps."""
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 
 import torch.nn.functional as F
 
+from .._atomic import atomic_path
 from . import CommandError
 
 
@@ -56,15 +55,9 @@ def run(args) -> int:
         image = F.interpolate(image[None], size=hw, mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
         x, y = min(hw[1] - 1, int(x * hw[1] / w)), min(hw[0] - 1, int(y * hw[0] / h))
     start = time.perf_counter()
-    fd, tmp = tempfile.mkstemp(prefix=".apro-", suffix=".png", dir=os.path.dirname(os.path.abspath(args.output)))
-    os.close(fd)
-    try:
+    with atomic_path(args.output, suffix=".png") as tmp:
         maps = affinity_figure(image, (x, y), tmp, zeta_g=args.zeta_g, zeta_s=args.zeta_s, sigma=args.sigma,
                                kernel_size=args.kernel_size, iterations=args.iterations)
-        os.replace(tmp, args.output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     reach = ", ".join(f"{k} {float((v > 0.5).float().mean()) * 100:.1f}%" for k, v in maps.items())
     print(f"wrote {args.output} ({image.shape[2]}x{image.shape[1]} grid, pixel ({x}, {y}); "
           f"share of pixels with affinity > 0.5: {reach}; {time.perf_counter() - start:.1f} s)")

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .._atomic import atomic_path
 from . import CommandError
 
 POINT_LABELS = {
@@ -195,19 +196,9 @@ def write_pngs(outputs: dict) -> None:
     folder first and all are moved into place only after all were written."""
     from PIL import Image
 
-    temps = []
-    try:
+    with ExitStack() as stack:
         for path, array in outputs.items():
-            fd, tmp = tempfile.mkstemp(prefix=".apro-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-            os.close(fd)
-            temps.append((tmp, path))
-            Image.fromarray(array).save(tmp, format="PNG")
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            Image.fromarray(array).save(stack.enter_context(atomic_path(path, suffix=".png")), format="PNG")
 
 
 def settings_from_args(args):
