@@ -28,6 +28,16 @@ def _check_values(values: torch.Tensor) -> torch.Tensor:
     return check_float_tensor(values, "values", 4, "(B, C, H, W)")
 
 
+def _is_tree(guide_or_tree: GuideOrTree, values: torch.Tensor) -> bool:
+    """Check ``guide_or_tree`` against ``values``; True for a prebuilt tree, False for a guide."""
+    if isinstance(guide_or_tree, SpanningTree):
+        _check_tree(guide_or_tree, values)
+        return True
+    check_float_tensor(guide_or_tree, "guide_or_tree", 4, "(B, D, H, W) or a SpanningTree")
+    check_same_grid(values, "values", guide_or_tree, "guide_or_tree")
+    return False
+
+
 def _check_tree(tree: SpanningTree, values: torch.Tensor) -> None:
     b, _, h, w = values.shape
     if (tree.height, tree.width) != (h, w):
@@ -123,12 +133,9 @@ def global_propagation(
         check_same_grid(values, "values", embedding, "embedding")
     planes = _planes(values)
 
-    if isinstance(guide_or_tree, SpanningTree):
+    if _is_tree(guide_or_tree, values):
         tree = guide_or_tree
-        _check_tree(tree, values)
     else:
-        check_float_tensor(guide_or_tree, "guide_or_tree", 4, "(B, D, H, W) or a SpanningTree")
-        check_same_grid(values, "values", guide_or_tree, "guide_or_tree")
         if embedding is None:
             weights = grid_edge_weights(guide_or_tree).numpy()
             layouts = map_images(lambda i: _grid_layout(weights[i], h, w), b, num_workers)
@@ -167,12 +174,9 @@ def tree_filter(
     """
     _check_values(values)
     sigma = check_positive(sigma, "sigma")
-    if isinstance(guide_or_tree, SpanningTree):
+    if _is_tree(guide_or_tree, values):
         tree = guide_or_tree
-        _check_tree(tree, values)
     else:
-        check_float_tensor(guide_or_tree, "guide_or_tree", 4, "(B, D, H, W) or a SpanningTree")
-        check_same_grid(values, "values", guide_or_tree, "guide_or_tree")
         tree = minimum_spanning_tree(guide_or_tree, num_workers=num_workers)
     planes = _planes(values, channel_last=True)
     edges = tree.edges.numpy()
