@@ -3,11 +3,12 @@
 The interface is deliberately tiny and works on NumPy arrays of one image:
 
 - ``sorted_edge_keys(weights)`` / ``sorted_edge_order(weights)``: stable argsort.
-- ``grid_merge_tree(keys, H, W)``: Kruskal on the grid -> merge tree + tree edges.
+- ``grid_merge_tree(keys, weights, H, W)``: Kruskal on the grid -> merge tree + tree edges.
 - ``merge_tree(u, v, n)``: merge tree of a given spanning tree, edges in ascending order.
-- ``propagate_merge_tree(tparent, merge_weights, inv_zeta2, values)``: exact GP (Alg. 1).
+- ``preorder_merge_tree(tparent, merge_weights)``: depth-first layout of a merge tree.
+- ``propagate_merge_tree(*layout, inv_zeta2, values)``: exact GP (Alg. 1) on that layout.
 - ``tree_filter(u, v, affinity, values)``: two-pass exact tree filter (LTF / TEL).
-- ``local_iterate(values, weights, radius, iterations, mask)``: fused LP iterations.
+- ``local_weights(image, radius, inv_zeta2)`` / ``local_iterate(...)``: LP affinities and steps.
 
 The tests check each against a brute-force oracle.
 """
