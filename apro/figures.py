@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .propagation import local_propagation
-from .refine import normalise_imagenet
+from ._color import imagenet_normalize
 from .tree import SpanningTree, minimum_spanning_tree
 
 MASK_COLOUR = (30, 144, 255)
@@ -127,7 +127,7 @@ def gp_affinity(image: torch.Tensor, pixel: Sequence[int], zeta: float = 0.01) -
     """
     _, h, w = image.shape
     x, y = _check_pixel(pixel, h, w)
-    tree = minimum_spanning_tree(normalise_imagenet(image[None].float()))
+    tree = minimum_spanning_tree(imagenet_normalize(image[None].float()))
     cost = _path_costs(tree, y * w + x, "max")
     return torch.from_numpy(np.exp(-cost / zeta**2).reshape(h, w)).float()
 
@@ -149,7 +149,7 @@ def lp_affinity(
     x, y = _check_pixel(pixel, h, w)
     delta = torch.zeros(1, 1, h, w, dtype=torch.float64)
     delta[0, 0, y, x] = 1.0
-    guide = normalise_imagenet(image[None].double())
+    guide = imagenet_normalize(image[None].double())
     spread = local_propagation(delta, guide, kernel_size, zeta, iterations)[0, 0]
     return (spread / spread.max()).float()
 

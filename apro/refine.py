@@ -22,11 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._color import imagenet_normalize
 from ._validation import check_count, check_float_tensor, check_positive
 from .tree import minimum_spanning_tree
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
 
 # method name as the user types it -> name in apro.losses.BOX_MASK_LOSSES ("box": no fitting)
@@ -88,13 +87,6 @@ class RefineSettings:
         return self
 
 
-def normalise_imagenet(image: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, H, W)`` RGB in [0, 1] -> ImageNet mean/std normalised (the scale SPEC §2 assumes)."""
-    mean = image.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = image.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (image - mean) / std
-
-
 class _TinyNet(nn.Module):
     """Per-image predictor: RGB + (x, y) -> K logits through dilated 3x3 convolutions."""
 
@@ -115,7 +107,7 @@ def _network_input(image: torch.Tensor) -> torch.Tensor:
     b, _, h, w = image.shape
     ys = torch.linspace(-1, 1, h, dtype=image.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
     xs = torch.linspace(-1, 1, w, dtype=image.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
-    return torch.cat([normalise_imagenet(image), xs, ys], 1)
+    return torch.cat([imagenet_normalize(image), xs, ys], 1)
 
 
 def _working_size(h: int, w: int, size: int) -> tuple:

@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from numba import njit
 
 import apro
+from apro._color import imagenet_normalize
 from apro.tree import grid_edge_weights
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
 def best_time(fn, repeats):
@@ -41,7 +40,7 @@ def natural_image(size):
 
     img = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 255
     img = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
-    return (img - IMAGENET_MEAN) / IMAGENET_STD
+    return imagenet_normalize(img)
 
 
 def unfold_local_propagation(values, image, kernel_size, zeta, iterations):

@@ -17,7 +17,7 @@ from apro.figures import (
     overlay,
     tree_filter_affinity,
 )
-from apro.refine import normalise_imagenet
+from apro._color import imagenet_normalize
 from oracles import minimax_distances_on_grid
 
 
@@ -46,7 +46,7 @@ def test_gp_affinity_matches_brute_force_minimax(seed):
     _, h, w = image.shape
     x, y = (seed * 2) % w, (seed + 1) % h
     zeta = 0.8
-    guide = normalise_imagenet(image[None].double())[0].numpy()
+    guide = imagenet_normalize(image[None].double())[0].numpy()
     cost = minimax_distances_on_grid(guide)[y * w + x].reshape(h, w)
     got = gp_affinity(image, (x, y), zeta)
     assert got[y, x] == 1.0
@@ -58,12 +58,12 @@ def test_gp_affinity_is_what_global_propagation_spreads():
     image = _image(4)
     _, h, w = image.shape
     zeta = 0.8
-    guide = normalise_imagenet(image[None].double())[0].numpy()
+    guide = imagenet_normalize(image[None].double())[0].numpy()
     psi = np.exp(-minimax_distances_on_grid(guide) / zeta**2)
     x, y = 3, 2
     delta = torch.zeros(1, 1, h, w, dtype=torch.float64)
     delta[0, 0, y, x] = 1
-    spread = apro.global_propagation(delta, normalise_imagenet(image[None].double()), zeta)[0, 0].numpy()
+    spread = apro.global_propagation(delta, imagenet_normalize(image[None].double()), zeta)[0, 0].numpy()
     row = gp_affinity(image, (x, y), zeta).double().numpy().reshape(-1)
     np.testing.assert_allclose(spread.reshape(-1), row / psi.sum(1), rtol=1e-5)
 

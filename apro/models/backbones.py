@@ -14,8 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .._color import IMAGENET_MEAN, IMAGENET_STD
+
 STRIDES = (4, 8, 16, 32)
 
 # EfficientNet-Lite0 blocks whose outputs are at strides 4, 8, 16 and 32 (verified by a
