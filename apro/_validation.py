@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -19,9 +20,21 @@ def check_float_tensor(x, name: str, ndim: int, layout: str) -> torch.Tensor:
         raise ValueError(f"{name} must have shape {layout} ({ndim} dims), got shape {tuple(x.shape)}")
     if any(s == 0 for s in x.shape):
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
+    if not _all_finite(x):
         raise ValueError(f"{name} contains NaN or inf values; replace them before propagating")
     return x
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    # A NaN or inf anywhere makes the sum non-finite, so a finite sum settles it in one cheap
+    # reduction; only a non-finite sum (which may also be overflow) needs the full check.
+    # CPU float32/64 tensors are summed by NumPy: a torch reduction would wake torch's
+    # OpenMP threads, whose spinning then slows the kernels that follow on small machines.
+    x = x.detach()
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        a = x.numpy()
+        return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def check_same_grid(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> None:

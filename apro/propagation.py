@@ -19,7 +19,7 @@ from ._validation import (
     check_positive,
     check_same_grid,
 )
-from .tree import SpanningTree, grid_edge_weights, grid_tree, minimum_spanning_tree, tree_edge_weights
+from .tree import SpanningTree, _guide_planes, grid_merges, minimum_spanning_tree, tree_edge_weights
 
 GuideOrTree = Union[torch.Tensor, SpanningTree]
 
@@ -59,40 +59,69 @@ def _planes(values: torch.Tensor, channel_last: bool = False) -> np.ndarray:
     return v.flatten(2).contiguous().numpy()
 
 
-def _to_output(out: list, like: torch.Tensor, channel_last: bool = False) -> torch.Tensor:
-    y = torch.from_numpy(np.stack(out))
+def _to_output(out, like: torch.Tensor, channel_last: bool = False) -> torch.Tensor:
+    y = torch.from_numpy(out if isinstance(out, np.ndarray) else np.stack(out))
     if channel_last:
         y = y.transpose(1, 2)
     return y.reshape(like.shape).to(device=like.device, dtype=like.dtype)
 
 
-def _grid_layout(weights, h, w):
-    tparent, _, tree_weights = grid_tree(weights, h, w)
-    return _kernels.preorder_merge_tree(tparent, tree_weights)
+def _tree_merges(edges, weights, n):
+    """Merge tree of one spanning tree given as ``(N-1, 2)`` edges with weights (any order)."""
+    if weights.size > 1 and not bool((weights[1:] >= weights[:-1]).all()):
+        order = _kernels.argsort_weights(weights)
+        edges, weights = edges[order], weights[order]
+    u = np.ascontiguousarray(edges[:, 0])
+    v = np.ascontiguousarray(edges[:, 1])
+    left, right = _kernels.tree_merges(u, v, _kernels.union_find_array(n))
+    return left, right, np.ascontiguousarray(weights, dtype=np.float32)
 
 
-def _tree_layout(edges, weights, n, presorted):
-    u, v, wt = edges[:, 0], edges[:, 1], weights
-    if not presorted:
-        order = _kernels.sorted_edge_order(wt)
-        u, v, wt = u[order], v[order], wt[order]
-    return _kernels.preorder_merge_tree(_kernels.merge_tree(u, v, n), wt.astype(np.float64))
+_BLOCK = 7  # channels per float64 row of 8 (with the normaliser): one cache line
 
 
-def _propagate_layouts(layouts, planes, inv_zeta2, num_workers):
-    """Per-channel GP passes; when there are fewer images than threads, the channels of an
-    image are split across threads (each chunk redoes the cheap normaliser pass)."""
+def _row_width(channels: int) -> int:
+    return 2 if channels == 1 else 4 if channels <= 3 else 8
+
+
+def _channel_blocks(channels: int, spread: int):
+    """Channel ranges of at most 7, and at least ``spread`` of them (for idle threads)."""
+    blocks = max(-(-channels // _BLOCK), min(channels, spread))
+    bounds = np.linspace(0, channels, blocks + 1).astype(int)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _propagate_image(merge, planes, out, inv_zeta2, blocks):
+    """GP of one image's ``planes`` ``(C, N)`` into ``out`` over its merge tree, for the
+    channel ``blocks`` given."""
+    gains = _kernels.merge_gains(merge[2], inv_zeta2)
+    for lo, hi in blocks:
+        rows = _kernels.row_buffer(planes.shape[1], _row_width(hi - lo))
+        _kernels.propagate_merges(merge[0], merge[1], gains, planes[lo:hi], rows, out[lo:hi])
+
+
+def _propagate(merge_of, planes, inv_zeta2, num_workers):
+    """GP of every image, its merge tree from ``merge_of(i)`` (``(left, right, weight, ...)``).
+
+    With at least as many images as threads, each thread does whole images (tree and all
+    channels). With fewer, the trees are built first and then the channel blocks of each
+    image are spread over the threads.
+    """
     b, c, _ = planes.shape
     workers = num_workers or default_workers()
-    chunks = max(1, min(c, workers // b))
-    bounds = np.linspace(0, c, chunks + 1).astype(int)
-    jobs = [(i, bounds[j], bounds[j + 1]) for i in range(b) for j in range(chunks)]
-    parts = map_images(
-        lambda k: _kernels.propagate_merge_tree(*layouts[jobs[k][0]], inv_zeta2, planes[jobs[k][0], jobs[k][1] : jobs[k][2]]),
+    out = np.empty_like(planes)
+    if b >= workers:
+        whole = _channel_blocks(c, 1)
+        map_images(lambda i: _propagate_image(merge_of(i), planes[i], out[i], inv_zeta2, whole), b, num_workers)
+        return out
+    merges = map_images(merge_of, b, num_workers)
+    jobs = [(i, block) for i in range(b) for block in _channel_blocks(c, workers // b)]
+    map_images(
+        lambda k: _propagate_image(merges[jobs[k][0]], planes[jobs[k][0]], out[jobs[k][0]], inv_zeta2, [jobs[k][1]]),
         len(jobs),
         num_workers,
     )
-    return [np.concatenate(parts[i * chunks : (i + 1) * chunks]) for i in range(b)]
+    return out
 
 
 @torch.no_grad()
@@ -107,8 +136,9 @@ def global_propagation(
 
     ``y_i = sum_j phi_j exp(-C_ij / zeta^2) / sum_j exp(-C_ij / zeta^2)`` over *all* pixels j,
     where ``C_ij`` is the largest edge weight on the tree path between i and j (0 for i = j).
-    Computed exactly by ascending merges with lazy tags (Sec. 3.3, Alg. 1) in O(N log N):
-    one sort and one union-find per image, shared by all C channels.
+    Computed exactly by ascending merges with lazy tags (Sec. 3.3, Alg. 1): one radix sort
+    (of the grid edges that survive a 4-cycle test) and one union-find per image, shared by
+    all C channels, then two linear passes per channel over the merge tree.
 
     Args:
         values: ``(B, C, H, W)`` unary term ``phi`` (e.g. mask probabilities).
@@ -133,22 +163,19 @@ def global_propagation(
         check_same_grid(values, "values", embedding, "embedding")
     planes = _planes(values)
 
+    n = h * w
     if _is_tree(guide_or_tree, values):
         tree = guide_or_tree
+    elif embedding is None:
+        guide = _guide_planes(guide_or_tree)
+        return _to_output(_propagate(lambda i: grid_merges(guide[i]), planes, inv_zeta2, num_workers), values)
     else:
-        if embedding is None:
-            weights = grid_edge_weights(guide_or_tree).numpy()
-            layouts = map_images(lambda i: _grid_layout(weights[i], h, w), b, num_workers)
-            return _to_output(_propagate_layouts(layouts, planes, inv_zeta2, num_workers), values)
         tree = minimum_spanning_tree(guide_or_tree, num_workers=num_workers)
 
     edges = tree.edges.numpy()
-    if embedding is None:
-        weights, presorted = tree.weights.numpy(), True
-    else:
-        weights, presorted = tree_edge_weights(tree, embedding).numpy(), False
-    layouts = map_images(lambda i: _tree_layout(edges[i], weights[i], h * w, presorted), b, num_workers)
-    return _to_output(_propagate_layouts(layouts, planes, inv_zeta2, num_workers), values)
+    weights = (tree.weights if embedding is None else tree_edge_weights(tree, embedding)).numpy()
+    merge_of = lambda i: _tree_merges(edges[i], weights[i], n)  # noqa: E731
+    return _to_output(_propagate(merge_of, planes, inv_zeta2, num_workers), values)
 
 
 @torch.no_grad()

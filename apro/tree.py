@@ -39,6 +39,13 @@ class SpanningTree:
         return SpanningTree(self.edges[index], self.weights[index], self.height, self.width)
 
 
+def _guide_planes(guide: torch.Tensor) -> np.ndarray:
+    g = guide.detach().cpu()
+    if g.dtype not in (torch.float32, torch.float64):
+        g = g.float()
+    return g.contiguous().numpy()
+
+
 def grid_edge_weights(guide: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distance ``||g_k - g_l||^2`` across every 4-grid edge.
 
@@ -46,12 +53,8 @@ def grid_edge_weights(guide: torch.Tensor) -> torch.Tensor:
     edge from pixel ``p`` to its right neighbour, entry ``H*W + p`` the edge to the pixel
     below; slots without a neighbour (last column, last row) hold ``inf`` and sort last.
     """
-    b, _, h, w = guide.shape
-    g = guide.detach()
-    out = g.new_full((b, 2, h, w), float("inf"))
-    out[:, 0, :, :-1] = (g[..., :, 1:] - g[..., :, :-1]).pow(2).sum(1)
-    out[:, 1, :-1, :] = (g[..., 1:, :] - g[..., :-1, :]).pow(2).sum(1)
-    return out.reshape(b, -1).to("cpu", torch.float32)
+    g = _guide_planes(guide)
+    return torch.from_numpy(np.stack([_kernels.grid_weights(g[i]) for i in range(len(g))]))
 
 
 def tree_edge_weights(tree: SpanningTree, embedding: torch.Tensor) -> torch.Tensor:
@@ -62,13 +65,26 @@ def tree_edge_weights(tree: SpanningTree, embedding: torch.Tensor) -> torch.Tens
     return (e.gather(2, u) - e.gather(2, v)).pow(2).sum(1).to(torch.float32)
 
 
-def grid_tree(weights: np.ndarray, height: int, width: int):
-    """Kruskal on one image's grid edge weights (as from :func:`grid_edge_weights`).
+def grid_merges(guide: np.ndarray):
+    """Kruskal on one image's grid (``guide``: ``(D, H, W)`` NumPy float).
 
-    Returns ``(tparent, edges (N-1, 2), edge_weights (N-1,))``, edges in merge order.
+    Returns ``(left, right, weight, edge)`` of the merge tree, merges in ascending order
+    (see :func:`apro._kernels.grid_merges`). Only the edges that survive the 4-cycle test
+    are sorted (:func:`apro._kernels.grid_candidates`).
     """
-    keys = _kernels.sorted_edge_keys(weights)
-    return _kernels.grid_merge_tree(keys, weights, height, width)
+    _, h, w = guide.shape
+    weights = _kernels.grid_weights(guide)
+    keys = _kernels.sort_keys(_kernels.grid_candidates(weights, h, w))
+    return _kernels.grid_merges(keys, h, w, _kernels.union_find_array(h * w))
+
+
+def _edge_pixels(edge: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Grid edge ids (as in :func:`grid_edge_weights`) -> ``(M, 2)`` int64 pixel pairs."""
+    n = height * width
+    e = edge.astype(np.int64)
+    below = e >= n
+    p = np.where(below, e - n, e)
+    return np.stack([p, np.where(below, p + width, p + 1)], axis=1)
 
 
 def minimum_spanning_tree(guide: torch.Tensor, num_workers: int | None = None) -> SpanningTree:
@@ -84,8 +100,8 @@ def minimum_spanning_tree(guide: torch.Tensor, num_workers: int | None = None) -
     """
     check_float_tensor(guide, "guide", 4, "(B, D, H, W)")
     b, _, h, w = guide.shape
-    weights = grid_edge_weights(guide).numpy()
-    trees = map_images(lambda i: grid_tree(weights[i], h, w), b, num_workers)
-    edges = torch.from_numpy(np.stack([t[1] for t in trees]).reshape(b, h * w - 1, 2))
-    tw = torch.from_numpy(np.stack([t[2] for t in trees]).reshape(b, h * w - 1).astype(np.float32))
-    return SpanningTree(edges=edges, weights=tw, height=h, width=w)
+    g = _guide_planes(guide)
+    merges = map_images(lambda i: grid_merges(g[i]), b, num_workers)
+    edges = torch.from_numpy(np.stack([_edge_pixels(m[3], h, w) for m in merges]).reshape(b, h * w - 1, 2))
+    weights = torch.from_numpy(np.stack([m[2] for m in merges]).reshape(b, h * w - 1))
+    return SpanningTree(edges=edges, weights=weights, height=h, width=w)

@@ -72,7 +72,7 @@ def test_grid_edge_weights_layout():
     assert w[6:].tolist() == [9, 9, 9] + [float("inf")] * 3
 
 
-def test_sorted_edge_order_is_a_stable_argsort():
+def test_argsort_weights_is_a_stable_argsort():
     rng = np.random.default_rng(0)
     w = rng.integers(0, 5, 1000).astype(np.float32) / 4
-    np.testing.assert_array_equal(_kernels.sorted_edge_order(w), np.argsort(w, kind="stable"))
+    np.testing.assert_array_equal(_kernels.argsort_weights(w), np.argsort(w, kind="stable"))
