@@ -2,12 +2,13 @@
 
 The interface is deliberately tiny and works on NumPy arrays of one image:
 
-- ``grid_weights(guide)``: squared guide distance across every 4-grid edge.
-- ``grid_candidates(weights, H, W)`` then ``sort_keys(keys)``: the edges that can be in a
-  minimum spanning tree, as keys sorted by (weight, edge id).
-- ``grid_merges(keys, H, W)`` / ``tree_merges(u, v, n)``: Kruskal -> the merge tree.
-- ``merge_gains(weights, inv_zeta2)``: ``1 - exp(-w / zeta^2)`` of every merge.
-- ``propagate_merges(left, right, gains, values)``: exact GP (Alg. 1) on the merge tree.
+- ``grid_weights``, ``drop_cycle_maxima``, ``candidate_keys`` (each over a range of rows,
+  so an image can be split between threads), then ``sort_keys``: the edges that can be in
+  a minimum spanning tree, as keys sorted by (weight, edge id).
+- ``grid_merges(first, second, H, W, par)`` / ``tree_merges(u, v, par)``: Kruskal -> the
+  merge tree.
+- ``propagate_merges(left, right, weight, inv_zeta2, values, rows, out)``: exact GP
+  (Alg. 1) on the merge tree.
 - ``tree_filter(u, v, affinity, values)``: two-pass exact tree filter (LTF / TEL).
 - ``local_weights(image, radius, inv_zeta2)`` / ``local_iterate(...)``: LP affinities and steps.
 
@@ -28,33 +29,34 @@ _AHEAD = 16  # how many merges / edges ahead the random rows are prefetched
 
 
 @njit(nogil=True, cache=True)
-def grid_weights(guide):
-    """``||g_k - g_l||^2`` across every edge of the 4-grid of ``guide`` ``(D, H, W)``.
+def grid_weights(guide, out, row0, row1):
+    """``||g_k - g_l||^2`` across the edges of the 4-grid of ``guide`` ``(D, H, W)`` that
+    leave pixels of rows ``[row0, row1)``, written into ``out`` ``(2 H W,)`` float32.
 
-    Returns ``(2 H W,)`` float32: entry ``p`` is the edge from pixel ``p`` to its right
-    neighbour, entry ``H W + p`` the edge to the pixel below; slots without a neighbour
-    (last column, last row) hold ``inf``. Summed in the guide's precision.
+    Entry ``p`` is the edge from pixel ``p`` to its right neighbour, entry ``H W + p`` the
+    edge to the pixel below; slots without a neighbour (last column, last row) hold ``inf``.
+    Differences are taken in the guide's precision, squares summed in float32.
     """
     d, h, w = guide.shape
     n = h * w
-    acc = np.zeros(2 * n, dtype=guide.dtype)
+    out[row0 * w : row1 * w] = 0.0
+    out[n + row0 * w : n + row1 * w] = 0.0
     for c in range(d):
         g = guide[c]
-        for y in range(h):
-            row = y * w
+        for y in range(row0, row1):
+            right = out[y * w : y * w + w - 1]
             for x in range(w - 1):
-                t = g[y, x + 1] - g[y, x]
-                acc[row + x] += t * t
+                t = np.float32(g[y, x + 1] - g[y, x])
+                right[x] += t * t
             if y + 1 < h:
+                below = out[n + y * w : n + y * w + w]
                 for x in range(w):
-                    t = g[y + 1, x] - g[y, x]
-                    acc[n + row + x] += t * t
-    out = acc.astype(np.float32)
-    for y in range(h):
+                    t = np.float32(g[y + 1, x] - g[y, x])
+                    below[x] += t * t
+    for y in range(row0, row1):
         out[y * w + w - 1] = np.inf
-    for x in range(w):
-        out[n + (h - 1) * w + x] = np.inf
-    return out
+        if y == h - 1:
+            out[n + y * w : n + y * w + w] = np.inf
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -63,37 +65,49 @@ def _key(bits, e):
 
 
 @njit(nogil=True, cache=True)
-def grid_candidates(weights, height, width):
-    """Keys ``weight bits << 32 | edge id`` of the grid edges that may be in the MST.
+def drop_cycle_maxima(weights, height, width, keep, row0, row1):
+    """Mark in ``keep`` (``(2 H W,)`` uint8, 1 = candidate) the edges that can be in the MST,
+    for the unit squares whose top row is in ``[row0, row1)``.
 
-    Every unit square of the grid is a 4-cycle, and the largest edge of a cycle (in the total
-    order by weight, then id) is in no minimum spanning tree of that order, so it is dropped
-    (the cycle property). That removes about 40% of the edges before the sort. Non-negative
-    IEEE floats order like their bit patterns, so the keys sort like (weight, id). Returned in
-    id order, unsorted.
+    Every unit square is a 4-cycle, and the largest edge of a cycle (in the total order by
+    weight, then id) is in no minimum spanning tree of that order (the cycle property), so it
+    is dropped; that removes about 40% of the edges before the sort. Non-negative IEEE floats
+    order like their bit patterns, so keys ``weight bits << 32 | id`` order like (weight, id).
+    Edges without a neighbour are dropped too.
     """
     n = height * width
     bits = weights.view(np.uint32)
-    keep = np.ones(2 * n, dtype=np.uint8)
-    for y in range(height):
+    for y in range(row0, row1):
         keep[y * width + width - 1] = 0
-    for x in range(width):
-        keep[n + (height - 1) * width + x] = 0
-    for y in range(height - 1):
+        if y == height - 1:
+            for x in range(width):
+                keep[n + y * width + x] = 0
+    for y in range(row0, min(row1, height - 1)):
         for x in range(width - 1):
             p = y * width + x
             top = max(_key(bits, p), _key(bits, p + width))
             side = max(_key(bits, n + p), _key(bits, n + p + 1))
             keep[np.int64(max(top, side) & _LOW32)] = 0
+
+
+@njit(nogil=True, cache=True)
+def candidate_keys(weights, keep, height, width, row0, row1):
+    """Keys ``weight bits << 32 | id`` of the kept edges leaving rows ``[row0, row1)``, in id
+    order (unsorted)."""
+    n = height * width
+    bits = weights.view(np.uint32)
+    lo = row0 * width
+    hi = row1 * width
     count = 0
-    for e in range(2 * n):
-        count += keep[e]
+    for p in range(lo, hi):
+        count += keep[p] + keep[n + p]
     keys = np.empty(count, dtype=np.uint64)
     j = 0
-    for e in range(2 * n):
-        if j < count:
-            keys[j] = _key(bits, e)
-        j += keep[e]
+    for base in (0, n):
+        for e in range(base + lo, base + hi):
+            if j < count:
+                keys[j] = _key(bits, e)
+            j += keep[e]
     return keys
 
 
@@ -189,9 +203,18 @@ def _init_roots(par):
         par[i] = -1 - (i << 5)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _prefetch_edge(par, key, n, width):
+    e = np.int64(key & _LOW32)
+    e = e - n if e >= n else e
+    prefetch(par, e)
+    prefetch(par, e + width)
+
+
 @njit(nogil=True, cache=True)
-def grid_merges(keys, height, width, par):
-    """Kruskal on the grid, fed candidate keys sorted by (weight, id).
+def grid_merges(first, second, height, width, par):
+    """Kruskal on the grid, fed two lists of candidate keys, each sorted by (weight, id)
+    (e.g. the two halves of the image, sorted in parallel); they are merged on the fly.
 
     Returns ``(left, right, weight, edge)``, one entry per merge ``t = 0..N-2`` in ascending
     order: the merge tree node ``N + t`` joins children ``left[t]`` and ``right[t]`` (a
@@ -205,24 +228,33 @@ def grid_merges(keys, height, width, par):
     right = np.empty(m + 1, dtype=np.int32)
     weight = np.empty(m + 1, dtype=np.float32)
     edge = np.empty(m + 1, dtype=np.int32)
-    wf = keys.view(np.float32)  # little-endian: the weight is the upper half of each key
-    count = keys.shape[0]
+    na = first.shape[0]
+    nb = second.shape[0]
+    sentinel = np.uint64(0xFFFFFFFFFFFFFFFF)
+    wa = first.view(np.float32)  # little-endian: the weight is the upper half of each key
+    wb = second.view(np.float32)
+    i = 0
+    j = 0
     t = 0
-    for j in range(count):
-        if t == m:
-            break
-        if j + _AHEAD < count:
-            ahead = np.int64(keys[j + _AHEAD] & _LOW32)
-            ahead = ahead - n if ahead >= n else ahead
-            prefetch(par, ahead)
-            prefetch(par, ahead + width)
-        e = np.int64(keys[j] & _LOW32)
+    while t < m and i + j < na + nb:
+        if na > 0:
+            _prefetch_edge(par, first[min(i + _AHEAD, na - 1)], n, width)
+        if nb > 0:
+            _prefetch_edge(par, second[min(j + _AHEAD, nb - 1)], n, width)
+        ka = first[i] if i < na else sentinel
+        kb = second[j] if j < nb else sentinel
+        take_a = ka < kb
+        key = ka if take_a else kb
+        w = wa[2 * i + 1] if take_a else wb[2 * j + 1]
+        i += 1 if take_a else 0
+        j += 0 if take_a else 1
+        e = np.int64(key & _LOW32)
         below = e >= n
         p = e - n if below else e
         q = p + (width if below else 1)
         a = _root(par, p)
         b = _root(par, q)
-        weight[t] = wf[2 * j + 1]
+        weight[t] = w
         edge[t] = e
         t += _merge(par, a, b, n + t, left, right, t)
     return left[:m], right[:m], weight[:m], edge[:m]
@@ -245,22 +277,6 @@ def tree_merges(u, v, par):
     return left, right
 
 
-@njit(nogil=True, cache=True)
-def merge_gains(weight, inv_zeta2):
-    """``1 - exp(-w / zeta^2)`` per merge in float64 (``weight`` ascending, so equal weights
-    are neighbours and share one ``exp``)."""
-    out = np.empty(weight.shape[0])
-    last = -1.0
-    g = 0.0
-    for t in range(weight.shape[0]):
-        w = np.float64(weight[t])
-        if w != last:
-            g = -math.expm1(-w * inv_zeta2)
-            last = w
-        out[t] = g
-    return out
-
-
 def row_buffer(n: int, width: int) -> np.ndarray:
     """Scratch rows for :func:`propagate_merges`: ``(2N-1, width)`` float64, 64-byte aligned
     (a row of 8 is then exactly one cache line)."""
@@ -269,14 +285,14 @@ def row_buffer(n: int, width: int) -> np.ndarray:
     return flat[start : start + (2 * n - 1) * width].reshape(2 * n - 1, width)
 
 
-def propagate_merges(left, right, gains, values, rows, out):
+def propagate_merges(left, right, weight, inv_zeta2, values, rows, out):
     """See :func:`_propagate_rows`. The row width is passed as the length of a tuple, so
     that numba compiles one kernel per width, with the inner loops unrolled."""
-    _propagate_rows(left, right, gains, values, rows, out, (0,) * rows.shape[1])
+    _propagate_rows(left, right, weight, inv_zeta2, values, rows, out, (0,) * rows.shape[1])
 
 
 @njit(nogil=True, cache=True)
-def _propagate_rows(left, right, gains, values, rows, out, width):
+def _propagate_rows(left, right, weight, inv_zeta2, values, rows, out, width):
     """Exact global affinity propagation on a merge tree (paper Sec. 3.3, Alg. 1).
 
     When components A and B merge (merge node p, ``f = exp(-w/zeta^2)``), every pixel of A
@@ -289,8 +305,8 @@ def _propagate_rows(left, right, gains, values, rows, out, width):
     ones) and up to ``W-1`` channels, visited together so that one cache line serves them
     all. The rows of the merges a few steps ahead are prefetched.
 
-    ``gains``: ``1 - f`` per merge (:func:`merge_gains`). ``values``: ``(C, N)`` with
-    ``C <= W-1``; writes ``out`` ``(C, N)``.
+    ``weight``: the merge weights (ascending, so equal ones are neighbours and share one
+    ``exp``). ``values``: ``(C, N)`` with ``C <= W-1``; writes ``out`` ``(C, N)``.
     """
     w = len(width)
     c, n = values.shape
@@ -309,6 +325,8 @@ def _propagate_rows(left, right, gains, values, rows, out, width):
         b = right[t]
         for k in range(w):
             rows[n + t, k] = rows[a, k] + rows[b, k]
+    last = -1.0
+    g = 0.0
     for t in range(m - 1, -1, -1):
         if t >= _AHEAD:
             for line in range(0, w, 8):
@@ -316,7 +334,10 @@ def _propagate_rows(left, right, gains, values, rows, out, width):
                 prefetch(flat, right[t - _AHEAD] * w + line)
         a = left[t]
         b = right[t]
-        g = gains[t]
+        wt = np.float64(weight[t])
+        if wt != last:
+            g = -math.expm1(-wt * inv_zeta2)
+            last = wt
         for k in range(w):
             p = rows[n + t, k]
             sa = rows[a, k]

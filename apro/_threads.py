@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
@@ -18,3 +19,14 @@ def map_images(fn, count: int, num_workers: int | None):
         return [fn(i) for i in range(count)]
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(fn, range(count)))
+
+
+@contextmanager
+def parallel_calls(workers: int):
+    """``with parallel_calls(k) as run: run(fn, items)`` applies ``fn`` to the items on
+    ``k`` threads (one pool for every ``run`` of the block), in order, and returns the list."""
+    if workers <= 1:
+        yield lambda fn, items: [fn(x) for x in items]
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        yield lambda fn, items: list(pool.map(fn, items))

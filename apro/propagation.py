@@ -94,18 +94,18 @@ def _channel_blocks(channels: int, spread: int):
 def _propagate_image(merge, planes, out, inv_zeta2, blocks):
     """GP of one image's ``planes`` ``(C, N)`` into ``out`` over its merge tree, for the
     channel ``blocks`` given."""
-    gains = _kernels.merge_gains(merge[2], inv_zeta2)
     for lo, hi in blocks:
         rows = _kernels.row_buffer(planes.shape[1], _row_width(hi - lo))
-        _kernels.propagate_merges(merge[0], merge[1], gains, planes[lo:hi], rows, out[lo:hi])
+        _kernels.propagate_merges(merge[0], merge[1], merge[2], inv_zeta2, planes[lo:hi], rows, out[lo:hi])
 
 
-def _propagate(merge_of, planes, inv_zeta2, num_workers):
+def _propagate(merge_of, planes, inv_zeta2, num_workers, split_merge=None):
     """GP of every image, its merge tree from ``merge_of(i)`` (``(left, right, weight, ...)``).
 
     With at least as many images as threads, each thread does whole images (tree and all
-    channels). With fewer, the trees are built first and then the channel blocks of each
-    image are spread over the threads.
+    channels). With fewer, the trees are built first (by ``split_merge(i)`` if given, which
+    may itself use the idle threads) and then the channel blocks of each image are spread
+    over the threads.
     """
     b, c, _ = planes.shape
     workers = num_workers or default_workers()
@@ -114,7 +114,7 @@ def _propagate(merge_of, planes, inv_zeta2, num_workers):
         whole = _channel_blocks(c, 1)
         map_images(lambda i: _propagate_image(merge_of(i), planes[i], out[i], inv_zeta2, whole), b, num_workers)
         return out
-    merges = map_images(merge_of, b, num_workers)
+    merges = map_images(split_merge or merge_of, b, num_workers)
     jobs = [(i, block) for i in range(b) for block in _channel_blocks(c, workers // b)]
     map_images(
         lambda k: _propagate_image(merges[jobs[k][0]], planes[jobs[k][0]], out[jobs[k][0]], inv_zeta2, [jobs[k][1]]),
@@ -168,7 +168,17 @@ def global_propagation(
         tree = guide_or_tree
     elif embedding is None:
         guide = _guide_planes(guide_or_tree)
-        return _to_output(_propagate(lambda i: grid_merges(guide[i]), planes, inv_zeta2, num_workers), values)
+        spare = max(1, (num_workers or default_workers()) // b)
+        return _to_output(
+            _propagate(
+                lambda i: grid_merges(guide[i]),
+                planes,
+                inv_zeta2,
+                num_workers,
+                split_merge=lambda i: grid_merges(guide[i], threads=spare),
+            ),
+            values,
+        )
     else:
         tree = minimum_spanning_tree(guide_or_tree, num_workers=num_workers)
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from . import _kernels
-from ._threads import map_images
+from ._threads import map_images, parallel_calls
 from ._validation import check_float_tensor
 
 
@@ -54,7 +54,11 @@ def grid_edge_weights(guide: torch.Tensor) -> torch.Tensor:
     below; slots without a neighbour (last column, last row) hold ``inf`` and sort last.
     """
     g = _guide_planes(guide)
-    return torch.from_numpy(np.stack([_kernels.grid_weights(g[i]) for i in range(len(g))]))
+    b, _, h, w = g.shape
+    out = np.empty((b, 2 * h * w), dtype=np.float32)
+    for i in range(b):
+        _kernels.grid_weights(g[i], out[i], 0, h)
+    return torch.from_numpy(out)
 
 
 def tree_edge_weights(tree: SpanningTree, embedding: torch.Tensor) -> torch.Tensor:
@@ -65,17 +69,26 @@ def tree_edge_weights(tree: SpanningTree, embedding: torch.Tensor) -> torch.Tens
     return (e.gather(2, u) - e.gather(2, v)).pow(2).sum(1).to(torch.float32)
 
 
-def grid_merges(guide: np.ndarray):
+def grid_merges(guide: np.ndarray, threads: int = 1):
     """Kruskal on one image's grid (``guide``: ``(D, H, W)`` NumPy float).
 
     Returns ``(left, right, weight, edge)`` of the merge tree, merges in ascending order
     (see :func:`apro._kernels.grid_merges`). Only the edges that survive the 4-cycle test
-    are sorted (:func:`apro._kernels.grid_candidates`).
+    are sorted. With ``threads=2`` the top and bottom halves of the image are weighed,
+    filtered and sorted in parallel; Kruskal merges the two sorted lists.
     """
     _, h, w = guide.shape
-    weights = _kernels.grid_weights(guide)
-    keys = _kernels.sort_keys(_kernels.grid_candidates(weights, h, w))
-    return _kernels.grid_merges(keys, h, w, _kernels.union_find_array(h * w))
+    n = h * w
+    weights = np.empty(2 * n, dtype=np.float32)
+    keep = np.ones(2 * n, dtype=np.uint8)
+    bounds = np.linspace(0, h, min(threads, h // 2) + 1 if h >= 4 else 2).astype(int)
+    ranges = list(zip(bounds[:-1], bounds[1:]))
+    with parallel_calls(len(ranges)) as run:
+        run(lambda r: _kernels.grid_weights(guide, weights, r[0], r[1]), ranges)
+        run(lambda r: _kernels.drop_cycle_maxima(weights, h, w, keep, r[0], r[1]), ranges)
+        lists = run(lambda r: _kernels.sort_keys(_kernels.candidate_keys(weights, keep, h, w, r[0], r[1])), ranges)
+    second = lists[1] if len(lists) > 1 else np.empty(0, dtype=np.uint64)
+    return _kernels.grid_merges(lists[0], second, h, w, _kernels.union_find_array(n))
 
 
 def _edge_pixels(edge: np.ndarray, height: int, width: int) -> np.ndarray:

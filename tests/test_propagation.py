@@ -290,3 +290,15 @@ def test_lp_on_the_mask_crop_equals_full_image():
     slow = _local_iterate_torch(values, _local_affinity_torch(image, 5, 0.2), 2, 7, mask)
     torch.testing.assert_close(fast, slow)
     assert bool((fast[2] == 0).all())  # empty mask
+
+
+@pytest.mark.parametrize("channels", [2, 3, 5, 7, 8, 15])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_gp_channel_blocks_match_bruteforce(channels, workers):
+    """Channels go through the merge tree in rows of 2, 4 or 8 (blocks of up to 7)."""
+    g = torch.Generator().manual_seed(channels)
+    guide = torch.rand(1, 3, 6, 7, generator=g)
+    values = torch.randn(1, channels, 6, 7, generator=g)
+    out = apro.global_propagation(values, guide, 0.4, num_workers=workers)
+    ref = global_propagation_oracle(values[0].numpy(), guide[0].numpy(), 0.4)
+    np.testing.assert_allclose(out[0].numpy(), ref, atol=1e-5, rtol=0)

@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -76,3 +78,63 @@ def test_argsort_weights_is_a_stable_argsort():
     rng = np.random.default_rng(0)
     w = rng.integers(0, 5, 1000).astype(np.float32) / 4
     np.testing.assert_array_equal(_kernels.argsort_weights(w), np.argsort(w, kind="stable"))
+
+
+def _quantised_guide(h, w, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 3, (1, h, w)) / 2).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (9, 7), (16, 3), (5, 16)])
+@pytest.mark.parametrize("kind", ["random", "quantised"])
+def test_grid_merges_split_in_halves_is_identical(shape, kind):
+    from apro.tree import grid_merges
+
+    rng = np.random.default_rng(shape[0] * 7 + shape[1])
+    guide = rng.random((3, *shape)).astype(np.float32) if kind == "random" else _quantised_guide(*shape, 1)
+    one, two = grid_merges(guide, threads=1), grid_merges(guide, threads=2)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(1, 9), w=st.integers(1, 9), levels=st.sampled_from([2, 5, 0]), seed=st.integers(0, 2**16))
+def test_cycle_filter_keeps_a_minimum_spanning_tree(h, w, levels, seed):
+    """The edges that survive the 4-cycle test still contain a minimum spanning tree."""
+    rng = np.random.default_rng(seed)
+    guide = rng.random((2, h, w)) if levels == 0 else rng.integers(0, levels, (2, h, w)) / levels
+    guide = guide.astype(np.float32)
+    n = h * w
+    weights = np.empty(2 * n, dtype=np.float32)
+    keep = np.ones(2 * n, dtype=np.uint8)
+    _kernels.grid_weights(guide, weights, 0, h)
+    _kernels.drop_cycle_maxima(weights, h, w, keep, 0, h)
+    keys = _kernels.candidate_keys(weights, keep, h, w, 0, h)
+    ids = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    assert np.all(np.isfinite(weights[ids])) and np.all(np.diff(ids) > 0)
+    if h > 1 and w > 1:
+        assert ids.size < 2 * n - h - w  # something was dropped
+    r, c, wt = _grid_graph(guide.astype(np.float64))
+    if n == 1:
+        return
+    full = coo_matrix((wt + 1e-9, (r, c)), shape=(n, n))
+    p = np.where(ids < n, ids, ids - n)
+    q = np.where(ids < n, p + 1, p + w)
+    kept = coo_matrix((weights[ids].astype(np.float64) + 1e-9, (p, q)), shape=(n, n))
+    assert connected_components(kept, directed=False)[0] == 1
+    assert scipy_mst(kept).sum() == pytest.approx(scipy_mst(full).sum(), abs=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.lists(st.sampled_from([0.0, 0.25, 1.0, 3.5, float("inf")]) | st.floats(min_value=0.0, width=32, allow_nan=False), max_size=300))
+def test_sort_keys_is_a_stable_sort(data):
+    w = np.array(data, dtype=np.float32)
+    keys = (w.view(np.uint32).astype(np.uint64) << np.uint64(32)) | np.arange(w.size, dtype=np.uint64)
+    np.testing.assert_array_equal(_kernels.sort_keys(keys), np.sort(keys))
+
+
+def test_a_tree_with_a_cycle_is_rejected():
+    edges = torch.tensor([[[0, 1], [1, 0], [2, 3]]])  # 2x2 grid: (0,1) twice, 2 never joined to 0/1
+    tree = apro.SpanningTree(edges, torch.tensor([[0.1, 0.2, 0.3]]), 2, 2)
+    with pytest.raises(ValueError, match="spanning tree"):
+        apro.global_propagation(torch.rand(1, 1, 2, 2), tree, 0.5)
