@@ -4,6 +4,7 @@ All three produce *targets*: they run without autograd and their results carry n
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional, Union
 
 import numpy as np
@@ -91,11 +92,21 @@ def _channel_blocks(channels: int, spread: int):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _propagate_image(merge, planes, out, inv_zeta2, blocks):
+class _RowBuffers(threading.local):
+    """Each thread's scratch rows, reused across the blocks and images of one call."""
+
+    def get(self, n: int, width: int) -> np.ndarray:
+        rows = getattr(self, "rows", None)
+        if rows is None or rows.shape != (2 * n - 1, width):
+            rows = self.rows = _kernels.row_buffer(n, width)
+        return rows
+
+
+def _propagate_image(merge, planes, out, inv_zeta2, blocks, buffers):
     """GP of one image's ``planes`` ``(C, N)`` into ``out`` over its merge tree, for the
     channel ``blocks`` given."""
     for lo, hi in blocks:
-        rows = _kernels.row_buffer(planes.shape[1], _row_width(hi - lo))
+        rows = buffers.get(planes.shape[1], _row_width(hi - lo))
         _kernels.propagate_merges(merge[0], merge[1], merge[2], inv_zeta2, planes[lo:hi], rows, out[lo:hi])
 
 
@@ -110,17 +121,19 @@ def _propagate(merge_of, planes, inv_zeta2, num_workers, split_merge=None):
     b, c, _ = planes.shape
     workers = num_workers or default_workers()
     out = np.empty_like(planes)
+    buffers = _RowBuffers()
     if b >= workers:
         whole = _channel_blocks(c, 1)
-        map_images(lambda i: _propagate_image(merge_of(i), planes[i], out[i], inv_zeta2, whole), b, num_workers)
+        map_images(lambda i: _propagate_image(merge_of(i), planes[i], out[i], inv_zeta2, whole, buffers), b, num_workers)
         return out
     merges = map_images(split_merge or merge_of, b, num_workers)
     jobs = [(i, block) for i in range(b) for block in _channel_blocks(c, workers // b)]
-    map_images(
-        lambda k: _propagate_image(merges[jobs[k][0]], planes[jobs[k][0]], out[jobs[k][0]], inv_zeta2, [jobs[k][1]]),
-        len(jobs),
-        num_workers,
-    )
+
+    def run(k):
+        i, block = jobs[k]
+        _propagate_image(merges[i], planes[i], out[i], inv_zeta2, [block], buffers)
+
+    map_images(run, len(jobs), num_workers)
     return out
 
 
