@@ -20,7 +20,7 @@ from ._validation import (
     check_positive,
     check_same_grid,
 )
-from .tree import SpanningTree, _guide_planes, grid_merges, minimum_spanning_tree, tree_edge_weights
+from .tree import _SPLIT_PIXELS, SpanningTree, _guide_planes, grid_merges, minimum_spanning_tree, tree_edge_weights
 
 GuideOrTree = Union[torch.Tensor, SpanningTree]
 
@@ -118,7 +118,7 @@ def _propagate(merge_of, planes, inv_zeta2, num_workers, split_merge=None):
     may itself use the idle threads) and then the channel blocks of each image are spread
     over the threads.
     """
-    b, c, _ = planes.shape
+    b, c, n = planes.shape
     workers = num_workers or default_workers()
     out = np.empty_like(planes)
     buffers = _RowBuffers()
@@ -126,6 +126,8 @@ def _propagate(merge_of, planes, inv_zeta2, num_workers, split_merge=None):
         whole = _channel_blocks(c, 1)
         map_images(lambda i: _propagate_image(merge_of(i), planes[i], out[i], inv_zeta2, whole, buffers), b, num_workers)
         return out
+    if n < _SPLIT_PIXELS:  # small images: threads cost more than they save
+        split_merge, workers = None, b
     merges = map_images(split_merge or merge_of, b, num_workers)
     jobs = [(i, block) for i in range(b) for block in _channel_blocks(c, workers // b)]
 

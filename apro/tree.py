@@ -69,6 +69,9 @@ def tree_edge_weights(tree: SpanningTree, embedding: torch.Tensor) -> torch.Tens
     return (e.gather(2, u) - e.gather(2, v)).pow(2).sum(1).to(torch.float32)
 
 
+_SPLIT_PIXELS = 1 << 16
+
+
 def grid_merges(guide: np.ndarray, threads: int = 1):
     """Kruskal on one image's grid (``guide``: ``(D, H, W)`` NumPy float).
 
@@ -81,7 +84,9 @@ def grid_merges(guide: np.ndarray, threads: int = 1):
     n = h * w
     weights = np.empty(2 * n, dtype=np.float32)
     keep = np.ones(2 * n, dtype=np.uint8)
-    bounds = np.linspace(0, h, min(threads, h // 2) + 1 if h >= 4 else 2).astype(int)
+    if n < _SPLIT_PIXELS:  # below this, starting threads costs more than it saves
+        threads = 1
+    bounds = np.linspace(0, h, max(1, min(threads, h // 2)) + 1).astype(int)
     ranges = list(zip(bounds[:-1], bounds[1:]))
     with parallel_calls(len(ranges)) as run:
         run(lambda r: _kernels.grid_weights(guide, weights, r[0], r[1]), ranges)

@@ -87,11 +87,12 @@ def _quantised_guide(h, w, seed):
 
 @pytest.mark.parametrize("shape", [(4, 5), (9, 7), (16, 3), (5, 16)])
 @pytest.mark.parametrize("kind", ["random", "quantised"])
-def test_grid_merges_split_in_halves_is_identical(shape, kind):
+def test_grid_merges_split_in_halves_is_identical(shape, kind, monkeypatch):
     from apro.tree import grid_merges
 
     rng = np.random.default_rng(shape[0] * 7 + shape[1])
     guide = rng.random((3, *shape)).astype(np.float32) if kind == "random" else _quantised_guide(*shape, 1)
+    monkeypatch.setattr("apro.tree._SPLIT_PIXELS", 0)
     one, two = grid_merges(guide, threads=1), grid_merges(guide, threads=2)
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a, b)
