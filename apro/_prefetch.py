@@ -8,6 +8,7 @@ a little slower).
 """
 from __future__ import annotations
 
+import numpy as np
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -43,16 +44,15 @@ def _no_hint(array, index):
     pass
 
 
+@njit(cache=True)
+def _probe(a):
+    _hint(a, 1)
+    return a[0]
+
+
 def _usable() -> bool:
     try:
-        import numpy as np
-
-        @njit(cache=False)
-        def probe(a):
-            _hint(a, 1)
-            return a[0]
-
-        probe(np.zeros(4))
+        _probe(np.zeros(4))
         return True
     except Exception:  # pragma: no cover - depends on the installed numba / LLVM
         return False

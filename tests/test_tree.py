@@ -139,3 +139,24 @@ def test_a_tree_with_a_cycle_is_rejected():
     tree = apro.SpanningTree(edges, torch.tensor([[0.1, 0.2, 0.3]]), 2, 2)
     with pytest.raises(ValueError, match="spanning tree"):
         apro.global_propagation(torch.rand(1, 1, 2, 2), tree, 0.5)
+
+
+def test_int64_union_find_gives_the_same_merges(monkeypatch):
+    """Images of 2**25 pixels and more switch the union-find to int64; same results."""
+    from apro.tree import grid_merges
+
+    guide = _quantised_guide(13, 11, 3)
+    small = grid_merges(guide)
+    monkeypatch.setattr(_kernels, "union_find_array", lambda n: np.empty(n, dtype=np.int64))
+    for a, b in zip(small, grid_merges(guide)):
+        np.testing.assert_array_equal(a, b)
+    edges = np.stack([np.arange(142), np.arange(1, 143)], 1)
+    l32, r32 = _kernels.tree_merges(edges[:, 0].copy(), edges[:, 1].copy(), np.empty(143, np.int32))
+    l64, r64 = _kernels.tree_merges(edges[:, 0].copy(), edges[:, 1].copy(), np.empty(143, np.int64))
+    np.testing.assert_array_equal(l32, l64)
+    np.testing.assert_array_equal(r32, r64)
+
+
+def test_union_find_width():
+    assert _kernels.union_find_array(1000).dtype == np.int32
+    assert _kernels.union_find_array(1 << 25).dtype == np.int64
