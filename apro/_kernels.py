@@ -257,6 +257,8 @@ def grid_merges(first, second, height, width, par):
         weight[t] = w
         edge[t] = e
         t += _merge(par, a, b, n + t, left, right, t)
+    if t != m:
+        raise ValueError("the candidate edges do not connect the grid")
     return left[:m], right[:m], weight[:m], edge[:m]
 
 

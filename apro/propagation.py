@@ -48,6 +48,16 @@ def _check_tree(tree: SpanningTree, values: torch.Tensor) -> None:
         )
     if tree.batch_size != b:
         raise ValueError(f"guide_or_tree holds {tree.batch_size} trees but values has batch size {b}")
+    n = h * w
+    if tuple(tree.edges.shape) != (b, n - 1, 2) or tuple(tree.weights.shape) != (b, n - 1):
+        raise ValueError(
+            f"guide_or_tree must hold (B, N-1, 2) edges and (B, N-1) weights with N = {n}, got "
+            f"{tuple(tree.edges.shape)} and {tuple(tree.weights.shape)}"
+        )
+    if n > 1 and (int(tree.edges.min()) < 0 or int(tree.edges.max()) >= n):
+        raise ValueError(f"guide_or_tree has edges outside the pixels 0..{n - 1} of a {h}x{w} grid")
+    if not bool(torch.isfinite(tree.weights).all()) or bool((tree.weights < 0).any()):
+        raise ValueError("guide_or_tree has negative, NaN or inf edge weights")
 
 
 def _planes(values: torch.Tensor, channel_last: bool = False) -> np.ndarray:

@@ -160,3 +160,18 @@ def test_int64_union_find_gives_the_same_merges(monkeypatch):
 def test_union_find_width():
     assert _kernels.union_find_array(1000).dtype == np.int32
     assert _kernels.union_find_array(1 << 25).dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    "edges, weights, match",
+    [
+        ([[[0, 1], [1, 7], [2, 3]]], [[0.1, 0.2, 0.3]], "outside the pixels"),
+        ([[[0, 1], [1, 3]]], [[0.1, 0.2]], r"\(B, N-1, 2\)"),
+        ([[[0, 1], [1, 3], [2, 3]]], [[0.1, float("nan"), 0.3]], "NaN"),
+        ([[[0, 1], [1, 3], [2, 3]]], [[0.1, -1.0, 0.3]], "negative"),
+    ],
+)
+def test_a_malformed_tree_is_rejected(edges, weights, match):
+    tree = apro.SpanningTree(torch.tensor(edges), torch.tensor(weights), 2, 2)
+    with pytest.raises(ValueError, match=match):
+        apro.global_propagation(torch.rand(1, 1, 2, 2), tree, 0.5)
