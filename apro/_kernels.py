@@ -114,7 +114,8 @@ def candidate_keys(weights, keep, height, width, row0, row1):
 @njit(nogil=True, cache=True)
 def sort_keys(keys):
     """Ascending sort of ``weight bits << 32 | id`` keys: LSD radix sort on the 31 weight
-    bits (the sign bit is 0). Stable, so keys given in id order stay in id order on ties."""
+    bits (the sign bit is 0). Stable, so keys given in id order stay in id order on ties.
+    ``keys`` is used as scratch; the sorted keys are returned (``keys`` itself or a new array)."""
     n = keys.shape[0]
     passes = (31 + _RADIX_BITS - 1) // _RADIX_BITS
     buckets = 1 << _RADIX_BITS
@@ -124,7 +125,7 @@ def sort_keys(keys):
         k = keys[i] >> np.uint64(32)
         for s in range(passes):
             hist[s, np.int64((k >> np.uint64(s * _RADIX_BITS)) & mask)] += 1
-    src = keys.copy()
+    src = keys  # sorted in place, ping-ponging with one scratch array
     dst = np.empty_like(keys)
     for s in range(passes):
         h = hist[s]
