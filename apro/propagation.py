@@ -20,7 +20,7 @@ from ._validation import (
     check_positive,
     check_same_grid,
 )
-from .tree import _SPLIT_PIXELS, SpanningTree, _guide_planes, grid_merges, minimum_spanning_tree, tree_edge_weights
+from .tree import _SPLIT_PIXELS, SpanningTree, _float_numpy, grid_merges, minimum_spanning_tree, tree_edge_weights
 
 GuideOrTree = Union[torch.Tensor, SpanningTree]
 
@@ -62,12 +62,9 @@ def _check_tree(tree: SpanningTree, values: torch.Tensor) -> None:
 
 def _planes(values: torch.Tensor, channel_last: bool = False) -> np.ndarray:
     """``(B, C, H, W)`` -> NumPy ``(B, C, N)`` (float32/64 kept), or ``(B, N, C)`` float64."""
-    v = values.detach().cpu()
     if channel_last:
-        return v.to(torch.float64).flatten(2).transpose(1, 2).contiguous().numpy()
-    if v.dtype not in (torch.float32, torch.float64):
-        v = v.float()
-    return v.flatten(2).contiguous().numpy()
+        return values.detach().cpu().to(torch.float64).flatten(2).transpose(1, 2).contiguous().numpy()
+    return _float_numpy(values.flatten(2))
 
 
 def _to_output(out, like: torch.Tensor, channel_last: bool = False) -> torch.Tensor:
@@ -192,7 +189,7 @@ def global_propagation(
     if _is_tree(guide_or_tree, values):
         tree = guide_or_tree
     elif embedding is None:
-        guide = _guide_planes(guide_or_tree)
+        guide = _float_numpy(guide_or_tree)
         spare = max(1, (num_workers or default_workers()) // b)
         return _to_output(
             _propagate(

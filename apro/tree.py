@@ -39,11 +39,13 @@ class SpanningTree:
         return SpanningTree(self.edges[index], self.weights[index], self.height, self.width)
 
 
-def _guide_planes(guide: torch.Tensor) -> np.ndarray:
-    g = guide.detach().cpu()
-    if g.dtype not in (torch.float32, torch.float64):
-        g = g.float()
-    return g.contiguous().numpy()
+def _float_numpy(x: torch.Tensor) -> np.ndarray:
+    """A C-contiguous NumPy copy or view of ``x`` on the CPU, float32/64 kept, other floats
+    as float32."""
+    x = x.detach().cpu()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    return x.contiguous().numpy()
 
 
 def grid_edge_weights(guide: torch.Tensor) -> torch.Tensor:
@@ -53,7 +55,7 @@ def grid_edge_weights(guide: torch.Tensor) -> torch.Tensor:
     edge from pixel ``p`` to its right neighbour, entry ``H*W + p`` the edge to the pixel
     below; slots without a neighbour (last column, last row) hold ``inf`` and sort last.
     """
-    g = _guide_planes(guide)
+    g = _float_numpy(guide)
     b, _, h, w = g.shape
     out = np.empty((b, 2 * h * w), dtype=np.float32)
     for i in range(b):
@@ -118,7 +120,7 @@ def minimum_spanning_tree(guide: torch.Tensor, num_workers: int | None = None) -
     """
     check_float_tensor(guide, "guide", 4, "(B, D, H, W)")
     b, _, h, w = guide.shape
-    g = _guide_planes(guide)
+    g = _float_numpy(guide)
     merges = map_images(lambda i: grid_merges(g[i]), b, num_workers)
     edges = torch.from_numpy(np.stack([_edge_pixels(m[3], h, w) for m in merges]).reshape(b, h * w - 1, 2))
     weights = torch.from_numpy(np.stack([m[2] for m in merges]).reshape(b, h * w - 1))
