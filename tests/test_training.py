@@ -348,7 +348,10 @@ SMALL_SOLOV2 = {"fpn_channels": 32, "head_channels": 64, "mask_channels": 16, "m
 def test_box_supervised_training_learns_masks_and_apro_beats_projection(tmp_path):
     """Trains twice through `apro train box` (projection only, then APro), each run a separate
     process with OMP_WAIT_POLICY=PASSIVE: on a shared, oversubscribed CPU, spinning OpenMP
-    threads (torch's and numba's) otherwise slow training several-fold."""
+    threads (torch's and numba's) otherwise slow training several-fold. One thread: with two,
+    some torch CPU kernels sum in a thread-dependent order, and over 160 steps those last-digit
+    differences grew into several AP points between identical runs (projection 24-32 AP,
+    APro 31-39 AP in three runs); with one thread every run gives the same numbers."""
     from apro.datasets import make_synthetic_coco
     from apro.evaluation import evaluate_masks, filled_box_predictions
 
@@ -360,7 +363,7 @@ def test_box_supervised_training_learns_masks_and_apro_beats_projection(tmp_path
         "pretrained": True, "model_options": SMALL_SOLOV2, "steps": 160, "batch_size": 4, "optimizer": "adamw",
         "lr": 0.002, "weight_decay": 0.05, "warmup_steps": 20, "short_sides": [64], "max_size": 64,
         "test_short_side": 64, "seed": 0, "checkpoint_every": 1000}))
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     scores = {}
     for variant in ("projection", "apro"):
         out = tmp_path / variant
