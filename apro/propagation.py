@@ -133,8 +133,8 @@ def _propagate(merge_of, planes, inv_zeta2, num_workers, split_merge=None):
         whole = _channel_blocks(c, 1)
         map_images(lambda i: _propagate_image(merge_of(i), planes[i], out[i], inv_zeta2, whole, buffers), b, num_workers)
         return out
-    if n < _SPLIT_PIXELS:  # small images: threads cost more than they save
-        split_merge, workers = None, b
+    if n < _SPLIT_PIXELS:  # small images: spreading channels costs more than it saves
+        workers = b
     merges = map_images(split_merge or merge_of, b, num_workers)
     jobs = [(i, block) for i in range(b) for block in _channel_blocks(c, workers // b)]
 

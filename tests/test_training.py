@@ -310,17 +310,24 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_on_cpu_keeps_replicas_identical(tmp_path):
+def _run_two_ranks(tmp_path, script_template):
+    """Run ``script_template`` (formatted with ``tests`` and ``out``) as two gloo ranks on one
+    thread each; returns the finished process and the output directory."""
     out = tmp_path / "run"
     out.mkdir()
-    script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(TESTS), out=str(out)))
+    script = tmp_path / "ddp_script.py"
+    script.write_text(script_template.format(tests=str(TESTS), out=str(out)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
          f"--master_port={_free_port()}", str(script)],
         capture_output=True, text=True, timeout=240, env=env,
     )
+    return proc, out
+
+
+def test_two_process_ddp_on_cpu_keeps_replicas_identical(tmp_path):
+    proc, out = _run_two_ranks(tmp_path, DDP_SCRIPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for (name, a), b in zip(r0["state"].items(), r1["state"].values()):
@@ -410,16 +417,7 @@ except TrainingError as err:
 def test_ddp_ranks_stop_together_on_a_non_finite_loss_on_one_rank(tmp_path):
     """A NaN on rank 1 only must stop both ranks at the same step (no hang in the gradient
     all-reduce), and a loss term logged by one rank only is averaged over the ranks having it."""
-    out = tmp_path / "run"
-    out.mkdir()
-    script = tmp_path / "ddp_nan.py"
-    script.write_text(DDP_DIVERGING_SCRIPT.format(tests=str(TESTS), out=str(out)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={_free_port()}", str(script)],
-        capture_output=True, text=True, timeout=240, env=env,
-    )
+    proc, out = _run_two_ranks(tmp_path, DDP_DIVERGING_SCRIPT)
     assert proc.returncode != 0
     for rank in (0, 1):  # one file per rank: the ranks' stdout lines can interleave
         said = (out / f"stopped_{rank}.txt").read_text()
