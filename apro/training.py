@@ -527,8 +527,8 @@ class TrainResult:
 
 
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
-    """The SOLOv2 model of :mod:`apro.models` described by ``config``."""
-    from .models import SOLOv2
+    """The SOLOv2 model of :mod:`apro.modeling` described by ``config``."""
+    from .modeling import SOLOv2
 
     return SOLOv2(
         num_classes,
@@ -541,8 +541,8 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
 
 
 def build_train_dataset(config: TrainConfig):
-    """The training :class:`apro.datasets.CocoBoxDataset` described by ``config``."""
-    from .datasets import CocoBoxDataset
+    """The training :class:`apro.data.CocoBoxDataset` described by ``config``."""
+    from .data import CocoBoxDataset
 
     return CocoBoxDataset(
         config.data, config.ann, train=True, short_sides=config.short_sides,
@@ -576,7 +576,7 @@ def train(
     ``resume``: a checkpoint file or run directory; training continues from its step with its
     model, optimizer, scheduler and RNG states (its saved config should be passed as
     ``config``, possibly with a larger ``steps``). ``model``/``dataset``/``collate_fn``
-    default to the SOLOv2 model, the COCO box dataset and ``apro.datasets.collate_batch``
+    default to the SOLOv2 model, the COCO box dataset and ``apro.data.collate_batch``
     built from ``config``; pass your own to train something else with the same loop (the
     model's ``forward(images, valid=..., targets=...)`` must return a dict of loss tensors
     including ``"loss"``). ``stop_after``: end after that step as if interrupted (tests).
@@ -609,7 +609,7 @@ def _train(config, out, ddp, resume, model, dataset, collate_fn, progress, stop_
     if dataset is None:
         dataset = build_train_dataset(config)
     if collate_fn is None:
-        from .datasets import collate_batch as collate_fn
+        from .data import collate_batch as collate_fn
     if model is None:
         model = build_model(config, dataset.num_classes)
     model.to(device)
@@ -825,10 +825,10 @@ def load_trained_model(path, device="cpu"):
 
 @torch.no_grad()
 def predict_coco(model: nn.Module, dataset, category_ids, batch_size: int = 2, progress: bool = True) -> list:
-    """Run ``model`` over an evaluation :class:`apro.datasets.CocoBoxDataset` (``train=False``)
+    """Run ``model`` over an evaluation :class:`apro.data.CocoBoxDataset` (``train=False``)
     and return COCO predictions (RLE masks at original size) for
     :func:`apro.evaluation.evaluate_masks`."""
-    from .datasets import collate_batch
+    from .data import collate_batch
     from .evaluation import to_coco_predictions
 
     device = next(model.parameters()).device
@@ -856,7 +856,7 @@ def evaluate_model(model: nn.Module, image_dir, ann_file, *, short_side: int, ma
     Images are resized to ``short_side`` (long side capped at ``max_size``) as at training
     time; ``category_ids`` maps the model's contiguous classes to the JSON's category ids.
     """
-    from .datasets import CocoBoxDataset
+    from .data import CocoBoxDataset
     from .evaluation import evaluate_masks
 
     dataset = CocoBoxDataset(image_dir, ann_file, train=False, short_sides=(short_side,), max_size=max_size, flip=False)

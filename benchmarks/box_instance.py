@@ -4,7 +4,7 @@ time the APro loss adds to a training step (issue 4; paper Tables 4, 5 and 7).
 Data: a COCO-format set given with ``--data/--ann/--eval-ann``, else the first one found
 under ``/work/shared/data`` (a folder holding ``annotations/instances_train*.json``,
 ``annotations/instances_val*.json`` and the images), else -- or with ``--synthetic`` -- a
-synthetic set of textured shapes written by :func:`apro.datasets.make_synthetic_coco`.
+synthetic set of textured shapes written by :func:`apro.data.make_synthetic_coco`.
 
 Every variant trains the same model from the same seed for the same number of steps on the
 same data; only the mask loss differs. Prints two markdown tables: mask AP (with the
@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from apro.datasets import CocoBoxDataset, collate_batch, make_synthetic_coco
+from apro.data import CocoBoxDataset, collate_batch, make_synthetic_coco
 from apro.evaluation import evaluate_masks, filled_box_predictions
 from apro.training import TrainConfig, build_model, build_optimizer, evaluate_model, train
 

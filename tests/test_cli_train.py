@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from apro.cli import main
-from apro.datasets import make_synthetic_coco
+from apro.data import make_synthetic_coco
 from apro.training import checkpoint_path, list_checkpoints, load_checkpoint, read_log
 
 # A small SOLOv2 so the CLI runs take seconds; 64 x 64 images.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from apro.datasets import CocoBoxDataset, collate_batch, load_coco_json, make_synthetic_coco
+from apro.data import CocoBoxDataset, collate_batch, load_coco_json, make_synthetic_coco
 
 H, W = 64, 80
 # pycocotools' RLE decoder predates NumPy 2's copy keyword; its warning is not ours.
@@ -295,7 +295,7 @@ def test_degenerate_and_outside_boxes_are_skipped_with_one_warning(synth, tmp_pa
 
     image_dir, ann = _copy_set(synth, tmp_path, edit)
     first_image, n_first, multi, zero_id, outside_id = json.load(open(ann))["_expect"]
-    with caplog.at_level(logging.WARNING, logger="apro.datasets"):
+    with caplog.at_level(logging.WARNING, logger="apro.data"):
         ds = CocoBoxDataset(image_dir, ann, short_sides=(64,))
         for i in range(len(ds)):
             ds[i]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apro.datasets import CocoBoxDataset, collate_batch, make_synthetic_coco
+from apro.data import CocoBoxDataset, collate_batch, make_synthetic_coco
 from apro.evaluation import (
     encode_predictions,
     evaluate_masks,

@@ -1,4 +1,4 @@
-"""Tests of apro.models: backbones, FPN, SOLOv2 targets, losses, Matrix NMS and inference."""
+"""Tests of apro.modeling: backbones, FPN, SOLOv2 targets, losses, Matrix NMS and inference."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from apro.losses import BOX_MASK_LOSSES
-from apro.models import (
+from apro.modeling import (
     FPN,
     EfficientNetLite0,
     ResNet,
@@ -358,7 +358,7 @@ def test_training_forward_returns_finite_losses_and_gradients_reach_all_parts():
 
 @pytest.mark.parametrize("name, guide_is_raw", [("apro", False), ("treefilter", True)])
 def test_spanning_tree_is_built_once_per_image(monkeypatch, name, guide_is_raw):
-    import apro.models.solov2 as solov2_module
+    import apro.modeling.solov2 as solov2_module
 
     calls = []
     real = solov2_module.minimum_spanning_tree

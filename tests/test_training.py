@@ -32,7 +32,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 class TinyBoxes(torch.utils.data.Dataset):
-    """Items shaped like apro.datasets.CocoBoxDataset's, with a random flip and random noise
+    """Items shaped like apro.data.CocoBoxDataset's, with a random flip and random noise
     drawn from the global RNGs (what the loop must make reproducible)."""
 
     num_classes = 2
@@ -359,7 +359,7 @@ def test_box_supervised_training_learns_masks_and_apro_beats_projection(tmp_path
     some torch CPU kernels sum in a thread-dependent order, and over 160 steps those last-digit
     differences grew into several AP points between identical runs (projection 24-32 AP,
     APro 31-39 AP in three runs); with one thread every run gives the same numbers."""
-    from apro.datasets import make_synthetic_coco
+    from apro.data import make_synthetic_coco
     from apro.evaluation import evaluate_masks, filled_box_predictions
 
     train_set = make_synthetic_coco(tmp_path / "train", 24, size=(64, 64), num_classes=2, seed=1)

@@ -72,7 +72,7 @@ def segment(model, rgb: np.ndarray, short_side: int, max_size, score_threshold: 
     import torch
     import torch.nn.functional as F
 
-    from ..datasets import collate_batch
+    from ..data import collate_batch
     from ..evaluation import masks_to_original_size
 
     h, w = rgb.shape[:2]

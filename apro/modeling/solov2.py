@@ -448,7 +448,7 @@ class SOLOv2(nn.Module):
             raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
         if images.shape[-1] % 32 or images.shape[-2] % 32:
             raise ValueError(f"images height and width must be multiples of 32 (pad them, e.g. with "
-                             f"apro.datasets.collate_batch), got {tuple(images.shape[-2:])}")
+                             f"apro.data.collate_batch), got {tuple(images.shape[-2:])}")
         if images.numel() and not bool(torch.isfinite(images).all()):
             raise ValueError("images contain NaN or inf values")
         if images.numel() and (float(images.min()) < -1e-3 or float(images.max()) > 1 + 1e-3):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .datasets import load_coco_json
+from ..data.coco import load_coco_json
 
 
 def _coco_api():
@@ -179,7 +179,7 @@ def masks_to_original_size(masks: torch.Tensor, input_size, orig_size, threshold
     """Bring masks predicted on the resized, padded input back to the original image.
 
     The dataset resizes an image of ``orig_size`` (h, w) to ``input_size`` (H, W) (item key
-    ``size``) and :func:`apro.datasets.collate_batch` pads it at the bottom/right to
+    ``size``) and :func:`apro.data.collate_batch` pads it at the bottom/right to
     (Hp, Wp). This crops the padding (``masks[:, :H, :W]``), resizes bilinearly to (h, w)
     and thresholds at ``threshold``.
 
@@ -215,7 +215,7 @@ def to_coco_predictions(outputs: Sequence[dict], targets: Sequence[dict], catego
     Args:
         outputs: per image, dict ``masks`` (K, Hp, Wp) bool/float at input resolution,
             ``labels`` (K,) contiguous class indices, ``scores`` (K,).
-        targets: the batch's per-image dicts from :func:`apro.datasets.collate_batch`
+        targets: the batch's per-image dicts from :func:`apro.data.collate_batch`
             (``image_id``, ``size``, ``orig_size`` are read).
         category_ids: contiguous index -> COCO category id (``dataset.category_ids``).
         encode: store each mask as RLE ``segmentation`` (compact) instead of a bool ``mask``.
