@@ -14,15 +14,17 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .._validation import check_count
+from .images import read_rgb
 
 logger = logging.getLogger(__name__)
 
 _IMAGE_KEYS = ("id", "file_name", "height", "width")
 _ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 _PAD_MULTIPLE = 32
+_RAW_GRID_WARNED: set = set()
 
 
 def _record_name(kind: str, record) -> str:
@@ -253,16 +255,31 @@ class CocoBoxDataset(torch.utils.data.Dataset):
         return [i["id"] for i in self.images]
 
     def load_image(self, index: int) -> Image.Image:
-        """The original image of item ``index`` as an RGB PIL image (size checked against the JSON)."""
+        """The original image of item ``index`` as an RGB PIL image (size checked against the JSON).
+
+        Read with :func:`apro.data.images.read_rgb` (EXIF orientation applied, 16-bit scaled); a
+        rotated file whose JSON gives the stored, unrotated size is read unrotated (with a warning).
+        """
         info = self.images[index]
         path = self._path(info)
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
+            rgb = read_rgb(path)
+            if rgb.shape[:2] != (info["height"], info["width"]) and rgb.shape[:2] == (info["width"], info["height"]):
+                # EXIF-rotated file annotated on its stored pixel grid: the JSON's size says which
+                raw = read_rgb(path, exif_orientation=False)
+                if raw.shape[:2] == (info["height"], info["width"]):
+                    if path not in _RAW_GRID_WARNED:
+                        _RAW_GRID_WARNED.add(path)
+                        logger.warning(
+                            "image file %r has an EXIF orientation but %r gives its stored (unrotated) size; "
+                            "reading it unrotated to match the annotations", path, self.ann_file
+                        )
+                    rgb = raw
         except FileNotFoundError:
             raise FileNotFoundError(f"image file {path!r} (image id {info['id']!r} of {self.ann_file!r}) does not exist") from None
-        except (UnidentifiedImageError, OSError) as err:
-            raise OSError(f"cannot read image file {path!r} (image id {info['id']!r} of {self.ann_file!r}): {err}") from err
+        except OSError as err:
+            raise OSError(f"{err} (image id {info['id']!r} of {self.ann_file!r})") from err
+        img = Image.fromarray(rgb)
         if img.size != (info["width"], info["height"]):
             raise ValueError(
                 f"image file {path!r} (image id {info['id']!r}) is {img.size[0]}x{img.size[1]} but {self.ann_file!r} "
