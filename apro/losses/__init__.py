@@ -19,6 +19,7 @@ from .box import APRoBoxLoss, BoxProjectionLoss, apro_box_loss, box_projection_l
 from .crf import CRFLoss, crf_kernel, crf_loss, mean_field_target
 from .pairwise import PairwiseLoss, color_similarity, pairwise_loss
 from .registry import (
+    BOX_LOSS_OPTIONS,
     BOX_MASK_LOSSES,
     CRF_WEIGHT,
     PROJECTION_WEIGHT,
@@ -42,6 +43,7 @@ from .tree_filter import (
 __all__ = [
     "APRoBoxLoss",
     "APRoSparseLoss",
+    "BOX_LOSS_OPTIONS",
     "BOX_MASK_LOSSES",
     "BoxMaskLoss",
     "BoxProjectionLoss",

@@ -129,6 +129,27 @@ def instance_l1(p: torch.Tensor, target: torch.Tensor, box: torch.Tensor) -> tor
     return per.mean()
 
 
+NORMALIZATIONS = ("instance", "total")
+
+
+def check_normalization(normalization) -> str:
+    """``"instance"`` (each instance by its own box area, then averaged) or ``"total"``."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}; got {normalization!r}")
+    return normalization
+
+
+def box_l1(p: torch.Tensor, target: torch.Tensor, box: torch.Tensor, normalization: str = "instance") -> torch.Tensor:
+    """``|p - target|`` masked by the box: per instance then averaged, or over the total box area.
+
+    ``"instance"``: ``mean_n sum(|p_n - y_n| B_n) / sum(B_n)`` (released SOLOv2 head);
+    ``"total"``: ``sum_n sum(|p_n - y_n| B_n) / sum_n sum(B_n)`` (released Mask2Former head).
+    """
+    if normalization == "total":
+        return masked_l1(p, target, box)
+    return instance_l1(p, target, box)
+
+
 def work_dtype(logits: torch.Tensor) -> torch.dtype:
     """float64 for float64 logits, else float32 (guides and targets are never built in half precision)."""
     return torch.float64 if logits.dtype == torch.float64 else torch.float32

@@ -13,6 +13,7 @@ from typing import Dict, Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..propagation import global_propagation, local_propagation
 from .._validation import check_count, check_kernel_size
@@ -20,9 +21,10 @@ from ..tree import SpanningTree
 from ._inputs import (
     check_box_inputs,
     check_variant,
+    box_l1,
+    check_normalization,
     check_weight,
     kept_trees,
-    instance_l1,
     nonempty_instances,
     normalized_guide,
     positive,
@@ -71,12 +73,39 @@ def two_stage_gp(values: torch.Tensor, tree: SpanningTree, zeta_gl: float, zeta_
     return y
 
 
+def check_gp_size(gp_size) -> Optional[tuple]:
+    """None, an int ``s`` (``s x s``) or ``(h, w)``, each >= 2: the fixed grid GP runs on."""
+    if gp_size is None:
+        return None
+    size = (gp_size, gp_size) if isinstance(gp_size, int) and not isinstance(gp_size, bool) else gp_size
+    try:
+        size = tuple(size)
+    except TypeError:
+        raise TypeError(f"gp_size must be None, an int or (height, width), got {gp_size!r}") from None
+    if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 2 for v in size):
+        raise ValueError(f"gp_size must be None, an int >= 2 or (height, width) of ints >= 2, got {gp_size!r}")
+    return size
+
+
+def _resized(x: torch.Tensor, size) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
 def _apro_box_terms(
     logits, box_mask, image, variant, zeta_gl, zeta_gh, zeta_s, kernel_size, iterations,
-    global_weight, local_weight, tree,
+    global_weight, local_weight, tree, normalization="instance", gp_size=None,
 ) -> Dict[str, torch.Tensor]:
-    """Weighted GP/LP terms of the non-empty instances, by name ("global", "local" or "cascade")."""
+    """Weighted GP/LP terms of the non-empty instances, by name ("global", "local" or "cascade").
+
+    ``gp_size``: run GP on that fixed grid (prediction and image resized bilinearly, the
+    result resized back), as the released Mask2Former head does at 96 x 96; ``tree`` is then
+    a tree of that grid. ``normalization``: see :func:`box_l1`.
+    """
     check_box_inputs(logits, box_mask, image)
+    check_normalization(normalization)
+    gp_size = check_gp_size(gp_size)
     check_variant(variant, VARIANTS)
     zeta_gl = positive(zeta_gl, "zeta_gl")
     zeta_gh = positive(zeta_gh, "zeta_gh")
@@ -91,8 +120,10 @@ def _apro_box_terms(
         names = {"gp-lp-p": ("global", "local"), "gp": ("global",), "lp": ("local",)}.get(variant, ("cascade",))
         return {name: z for name in names}
     guide = normalized_guide(image, work_dtype(logits))
+    gp_guide = guide if gp_size is None else _resized(guide, gp_size)
     if variant != "lp":
-        tree = kept_trees(guide, tree, keep, "the ImageNet-normalised image")
+        desc = "the ImageNet-normalised image" + ("" if gp_size is None else f" resized to {gp_size[0]}x{gp_size[1]}")
+        tree = kept_trees(gp_guide, tree, keep, desc)
     if not bool(keep.all()):
         logits, box_mask, guide = logits[keep], box_mask[keep], guide[keep]
     p = torch.sigmoid(logits)
@@ -100,19 +131,24 @@ def _apro_box_terms(
     phi = p.detach().to(guide.dtype)
 
     def gp(v):
-        return two_stage_gp(v, tree, zeta_gl, zeta_gh)
+        if gp_size is None:
+            return two_stage_gp(v, tree, zeta_gl, zeta_gh)
+        return _resized(two_stage_gp(_resized(v, gp_size), tree, zeta_gl, zeta_gh), v.shape[-2:])
 
     def lp(v):
         return local_propagation(v, guide, kernel_size, zeta_s, iterations, mask=b)
 
+    def l1(target):
+        return box_l1(p, target, b, normalization)
+
     if variant == "gp-lp-p":
-        return {"global": gw * instance_l1(p, gp(phi), b), "local": lw * instance_l1(p, lp(phi), b)}
+        return {"global": gw * l1(gp(phi)), "local": lw * l1(lp(phi))}
     if variant == "gp":
-        return {"global": gw * instance_l1(p, gp(phi), b)}
+        return {"global": gw * l1(gp(phi))}
     if variant == "lp":
-        return {"local": lw * instance_l1(p, lp(phi), b)}
+        return {"local": lw * l1(lp(phi))}
     target = lp(gp(phi)) if variant == "gp-lp-c" else gp(lp(phi))
-    return {"cascade": (gw + lw) * instance_l1(p, target, b)}
+    return {"cascade": (gw + lw) * l1(target)}
 
 
 def apro_box_loss(
@@ -129,6 +165,8 @@ def apro_box_loss(
     global_weight: float = 2.0,
     local_weight: float = 1.0,
     tree: Optional[SpanningTree] = None,
+    normalization: str = "instance",
+    gp_size=None,
 ) -> torch.Tensor:
     """APro pairwise terms for box supervision (paper Eqs. 2-6, Table 7; SPEC §2-4).
 
@@ -153,13 +191,20 @@ def apro_box_loss(
         tree: optional :class:`~apro.SpanningTree` with ``N`` trees built from the
             ImageNet-normalised image (see :func:`apro.losses.tree_guide`), e.g. one tree per
             image shared by its instances via ``tree.select(image_index)``; built when None.
+            With ``gp_size``: trees of the normalised image resized to ``gp_size``.
+        normalization: ``"instance"`` (default, released SOLOv2 head: each instance by its
+            own box area, then averaged) or ``"total"`` (released Mask2Former head: summed over
+            all instances and divided by their total box area).
+        gp_size: None (GP at the logits' resolution) or an int / ``(h, w)``: GP runs on that
+            fixed grid, prediction and image resized bilinearly and the result resized back
+            (released Mask2Former head: 96). LP always runs at the logits' resolution.
 
     Returns:
         Scalar tensor; gradients flow only through ``p``.
     """
     terms = _apro_box_terms(
         logits, box_mask, image, variant, zeta_gl, zeta_gh, zeta_s, kernel_size, iterations,
-        global_weight, local_weight, tree,
+        global_weight, local_weight, tree, normalization, gp_size,
     )
     return sum(terms.values())
 

@@ -7,12 +7,12 @@ is partial cross-entropy plus the method's unlabeled-pixel term.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from ._inputs import check_image, normalized_guide, raw_guide, work_dtype
+from ._inputs import check_image, check_weight, normalized_guide, raw_guide, work_dtype
 from .box import _apro_box_terms, box_projection_loss
 from .crf import crf_loss
 from .pairwise import pairwise_loss
@@ -26,18 +26,41 @@ _APRO_SPARSE = dict(zeta_g=0.01, zeta_gh=0.07, zeta_s=0.15, kernel_size=5, itera
 _APRO_NAMES = {"apro": "gp-lp-p", "gp": "gp", "lp": "lp", "gp-lp-c": "gp-lp-c", "lp-gp-c": "lp-gp-c"}
 
 
-def _box_terms(name: str, logits, box_mask, image, tree) -> Dict[str, torch.Tensor]:
+# Settings ``box_mask_loss(..., options=)`` may change (the Mask2Former head's: projection 5.0,
+# GP on a fixed 96 x 96 grid with its zetas, terms over the total box area).
+BOX_LOSS_OPTIONS = ("projection_weight", "normalization", "gp_size", *_APRO)
+
+
+def check_box_loss_options(options) -> dict:
+    """``options``: None or a dict with keys of :data:`BOX_LOSS_OPTIONS`; returns a copy."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict or None, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(BOX_LOSS_OPTIONS))
+    if unknown:
+        raise ValueError(f"options: unknown key(s) {', '.join(unknown)}; known: {', '.join(BOX_LOSS_OPTIONS)}")
+    return dict(options)
+
+
+def _box_terms(name: str, logits, box_mask, image, tree, options=None) -> Dict[str, torch.Tensor]:
     """Weighted terms of ``BOX_MASK_LOSSES[name]`` (they sum to the loss)."""
     check_image(image, logits, "logits")
-    terms = {"projection": PROJECTION_WEIGHT * box_projection_loss(logits, box_mask)}
+    options = check_box_loss_options(options)
+    projection_weight = check_weight(options.pop("projection_weight", PROJECTION_WEIGHT), "projection_weight")
+    normalization = options.get("normalization", "instance")
+    apro = {**_APRO, **options}
+    lp = (apro["zeta_s"], apro["kernel_size"], apro["iterations"])
+    terms = {"projection": projection_weight * box_projection_loss(logits, box_mask)}
     if name in _APRO_NAMES:
-        terms.update(_apro_box_terms(logits, box_mask, image, _APRO_NAMES[name], tree=tree, **_APRO))
+        terms.update(_apro_box_terms(logits, box_mask, image, _APRO_NAMES[name], tree=tree, **apro))
     elif name == "pairwise":
         terms["pairwise"] = pairwise_loss(logits, box_mask, image)
     elif name == "treefilter":
-        terms.update(_tree_filter_box_terms(logits, box_mask, image, 0.02, tree, 2.0, None, 0.15, 5, 20))
+        terms.update(_tree_filter_box_terms(logits, box_mask, image, 0.02, tree, 2.0, None, *lp, normalization))
     elif name == "treefilter-local":
-        terms.update(_tree_filter_box_terms(logits, box_mask, image, 0.02, tree, 2.0, 1.0, 0.15, 5, 20))
+        terms.update(_tree_filter_box_terms(logits, box_mask, image, 0.02, tree, apro["global_weight"],
+                                            apro["local_weight"], *lp, normalization))
     elif name == "crf":
         terms["crf"] = crf_loss(logits, box_mask, image, weight=CRF_WEIGHT)
     elif name != "projection":
@@ -75,6 +98,7 @@ def box_mask_loss(
     image: torch.Tensor,
     tree=None,
     return_terms: bool = False,
+    options: Optional[dict] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, float]]]:
     """The full box-supervised mask loss ``name`` (a key of :data:`BOX_MASK_LOSSES`).
 
@@ -85,13 +109,22 @@ def box_mask_loss(
         tree: optional prebuilt trees (``N`` of them) of ``tree_guide(name, image)``; ignored by
             losses without a tree.
         return_terms: also return ``{term: float}`` of the weighted terms plus "total".
+        options: None (the released SOLOv2 head's settings) or a dict overriding some of
+            :data:`BOX_LOSS_OPTIONS`: ``projection_weight`` (3.0), ``normalization``
+            ("instance"; "total" divides the GP, LP and tree-filter terms by the total box area
+            of all instances), ``gp_size`` (None; an int or ``(h, w)`` runs GP on that grid and
+            resizes the result back, ``tree`` then being trees of that grid), and the APro
+            keywords of :func:`apro_box_loss` (``zeta_gl`` 0.01, ``zeta_gh`` 0.07, ``zeta_s``
+            0.15, ``kernel_size`` 5, ``iterations`` 20, ``global_weight`` 2.0 — also the tree
+            filter's weight in "treefilter-local" — and ``local_weight`` 1.0). The BoxInst
+            pairwise and CRF terms keep their own normalisation.
 
     Returns:
         Scalar tensor, or ``(scalar, terms)``.
     """
     if name not in BOX_MASK_LOSSES:
         raise ValueError(f"unknown box mask loss {name!r}; choose one of {', '.join(BOX_MASK_LOSSES)}")
-    return _total(_box_terms(name, logits, box_mask, image, tree), return_terms)
+    return _total(_box_terms(name, logits, box_mask, image, tree, options), return_terms)
 
 
 def sparse_loss(

@@ -15,12 +15,13 @@ from torch import nn
 from ..propagation import local_propagation, tree_filter
 from ..tree import SpanningTree
 from ._inputs import (
+    box_l1,
     check_box_inputs,
+    check_normalization,
     check_sparse_inputs,
     check_weight,
     instance_trees,
     kept_trees,
-    instance_l1,
     masked_l1,
     nonempty_instances,
     normalized_guide,
@@ -33,8 +34,10 @@ from ._inputs import (
 _RAW_DESC = "the raw RGB image in [0, 1]"
 
 
-def _tree_filter_box_terms(logits, box_mask, image, sigma, tree, weight, local_weight, zeta_s, kernel_size, iterations):
+def _tree_filter_box_terms(logits, box_mask, image, sigma, tree, weight, local_weight, zeta_s, kernel_size, iterations,
+                           normalization="instance"):
     check_box_inputs(logits, box_mask, image)
+    check_normalization(normalization)
     sigma = positive(sigma, "sigma")
     weight = check_weight(weight, "weight")
     keep = nonempty_instances(box_mask)
@@ -48,11 +51,12 @@ def _tree_filter_box_terms(logits, box_mask, image, sigma, tree, weight, local_w
     p = torch.sigmoid(logits)
     b = box_mask.to(dtype)
     phi = p.detach().to(dtype)
-    terms = {"treefilter": weight * instance_l1(p, tree_filter(phi, tree, sigma), b)}
+    terms = {"treefilter": weight * box_l1(p, tree_filter(phi, tree, sigma), b, normalization)}
     if local_weight is not None:
         lw = check_weight(local_weight, "local_weight")
         guide = normalized_guide(image, dtype)
-        terms["local"] = lw * instance_l1(p, local_propagation(phi, guide, kernel_size, zeta_s, iterations, mask=b), b)
+        lp = local_propagation(phi, guide, kernel_size, zeta_s, iterations, mask=b)
+        terms["local"] = lw * box_l1(p, lp, b, normalization)
     return terms
 
 
