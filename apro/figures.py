@@ -34,6 +34,30 @@ OBJECT_LABEL_COLOUR = (255, 0, 0)
 BACKGROUND_LABEL_COLOUR = (0, 255, 255)
 
 
+def line_width(height: int, width: int) -> int:
+    """Pixels of an overlay's lines for an image of this size: 2 up to 500 px, then ~1/250 of
+    the longer side, so lines stay visible when a large image is shown scaled down."""
+    return max(2, int(round(max(height, width) / 250)))
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``mask`` (H, W) bool grown by a ``(2 radius + 1)``-pixel square (separable max filter)."""
+    if radius <= 0:
+        return mask
+    out = mask.copy()
+    for axis in (0, 1):
+        grown = out.copy()
+        n = out.shape[axis]
+        for shift in range(1, min(radius, n - 1) + 1):
+            lead = [slice(None)] * 2
+            lag = [slice(None)] * 2
+            lead[axis], lag[axis] = slice(shift, None), slice(None, n - shift)
+            grown[tuple(lead)] |= out[tuple(lag)]
+            grown[tuple(lag)] |= out[tuple(lead)]
+        out = grown
+    return out
+
+
 def _boundary(mask: np.ndarray) -> np.ndarray:
     """Pixels of ``mask`` with a 4-neighbour outside it."""
     m = np.pad(mask, 1, constant_values=False)
@@ -53,10 +77,14 @@ def overlay(
     Args:
         image: ``(H, W, 3)`` uint8 RGB.
         mask: ``(H, W)`` bool object mask.
-        box: optional ``(x0, y0, x1, y1)`` drawn as a 2-pixel green rectangle.
+        box: optional ``(x0, y0, x1, y1)`` drawn as a green rectangle.
         labels: optional ``(H, W)`` sparse labels (1 object -> red, 0 background -> cyan,
-            anything else unlabeled).
+            anything else unlabeled), each labelled pixel drawn as a square dot so single
+            clicked points stay visible.
         alpha: opacity of the mask tint.
+
+    The contour (yellow), box lines and label dots are :func:`line_width` pixels wide (2 px
+    up to a 500-pixel image, growing with the image's longer side).
 
     Returns:
         ``(H, W, 3)`` uint8 RGB.
@@ -70,16 +98,17 @@ def overlay(
     out = image.astype(np.float32)
     out[mask] = (1 - alpha) * out[mask] + alpha * np.array(MASK_COLOUR, np.float32)
     out = out.round().astype(np.uint8)
-    out[_boundary(mask)] = CONTOUR_COLOUR
+    h, w = mask.shape
+    lw = line_width(h, w)
+    out[_dilate(_boundary(mask), (lw - 1) // 2)] = CONTOUR_COLOUR
     if labels is not None:
         labels = np.asarray(labels)
-        out[labels == 1] = OBJECT_LABEL_COLOUR
-        out[labels == 0] = BACKGROUND_LABEL_COLOUR
+        out[_dilate(labels == 0, lw)] = BACKGROUND_LABEL_COLOUR
+        out[_dilate(labels == 1, lw)] = OBJECT_LABEL_COLOUR
     if box is not None:
-        h, w = mask.shape
         x0, y0 = int(np.clip(round(box[0]), 0, w - 1)), int(np.clip(round(box[1]), 0, h - 1))
         x1, y1 = int(np.clip(round(box[2]) - 1, 0, w - 1)), int(np.clip(round(box[3]) - 1, 0, h - 1))
-        for t in range(2):
+        for t in range(lw):
             out[np.clip(y0 + t, 0, h - 1), x0 : x1 + 1] = BOX_COLOUR
             out[np.clip(y1 - t, 0, h - 1), x0 : x1 + 1] = BOX_COLOUR
             out[y0 : y1 + 1, np.clip(x0 + t, 0, w - 1)] = BOX_COLOUR

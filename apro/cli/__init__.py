@@ -2,6 +2,10 @@
 
 A sub-command's handler receives the parsed arguments; raising :class:`CommandError` prints a
 one-line ``apro: error: ...`` to stderr and exits with status 2.
+
+Only the module of the sub-command being run is imported: ``apro --help`` and ``apro --version``
+list the commands from :data:`SUMMARIES` without importing torch or numba. A command in
+:data:`COMMANDS` without a summary is imported to build the listing (correct, only slower).
 """
 from __future__ import annotations
 
@@ -11,23 +15,62 @@ import sys
 
 COMMANDS = ("demo", "refine", "affinity", "train", "predict", "eval")
 
+# one-line help of each command, shown by `apro --help` without importing its module
+SUMMARIES = {
+    "demo": "refine a built-in box on a bundled photo and write the overlay PNG",
+    "refine": "one image + a box, points or scribbles -> an object mask PNG",
+    "affinity": "affinity map of one pixel under the tree filter, LP and GP (paper Fig. 3)",
+    "train": "train a segmentation model from weak labels (boxes, ...)",
+    "predict": "masks of images with a trained checkpoint",
+    "eval": "score a trained checkpoint on annotated data (COCO mask AP, ...)",
+}
+
 
 class CommandError(Exception):
     """A user-facing error: bad input the user can fix. Exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def missing_extra(err: ImportError, extra: str = "train") -> "CommandError":
+    """The one-line error for an optional dependency that is not installed (``pip install "apro[extra]"``)."""
+    name = getattr(err, "name", None) or str(err)
+    return CommandError(f"this command needs the optional package {name!r}, which is not installed; "
+                        f'run: pip install "apro[{extra}]"')
+
+
+def _command_of(argv) -> str | None:
+    """The sub-command named in ``argv`` (its first non-option word), if it is a known one."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The ``apro`` parser; with ``argv``, only the command it names is fully built (the others are
+    listed from :data:`SUMMARIES`). ``build_parser()`` builds every command."""
     parser = argparse.ArgumentParser(
         prog="apro", description="Label-efficient segmentation via affinity propagation (APro)."
     )
+    parser.add_argument("--version", action="version", version=f"apro {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = _command_of(argv) if argv is not None else None
     for name in COMMANDS:
-        importlib.import_module(f"apro.cli.{name}").add_parser(sub)
+        if argv is not None and name != chosen and name in SUMMARIES:
+            sub.add_parser(name, help=SUMMARIES[name], add_help=False)
+        else:
+            importlib.import_module(f"apro.cli.{name}").add_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except CommandError as err:
