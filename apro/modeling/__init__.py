@@ -9,6 +9,8 @@ from .backbones import (
     load_backbone_weights,
 )
 from .fpn import FPN
+from .mask2former import Mask2Former
+from .matcher import HungarianMatcher
 from .solov2 import (
     PAPER_SETTINGS,
     SOLOv2,
@@ -25,6 +27,8 @@ __all__ = [
     "EfficientNetLite0",
     "FPN",
     "FocalLoss",
+    "HungarianMatcher",
+    "Mask2Former",
     "FrozenBatchNorm2d",
     "MatrixNMS",
     "PAPER_SETTINGS",
