@@ -27,7 +27,8 @@ import torch
 
 from apro.data import CocoBoxDataset, collate_batch, make_synthetic_coco
 from apro.evaluation import evaluate_masks, filled_box_predictions
-from apro.training import TrainConfig, build_model, build_optimizer, evaluate_model, train
+from apro.engine import build_optimizer
+from apro.tasks.box import BoxConfig as TrainConfig, build_model, evaluate_model, train
 
 SHARED_DATA = "/work/shared/data"
 DEFAULT_VARIANTS = ("projection", "pairwise", "treefilter", "crf", "apro", "gp", "lp")

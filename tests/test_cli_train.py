@@ -15,7 +15,7 @@ from PIL import Image
 
 from apro.cli import main
 from apro.data import make_synthetic_coco
-from apro.training import checkpoint_path, list_checkpoints, load_checkpoint, read_log
+from apro.engine import checkpoint_path, list_checkpoints, load_checkpoint, read_log
 
 # A small SOLOv2 so the CLI runs take seconds; 64 x 64 images.
 TINY = ["--model-option", "fpn_channels=16", "--model-option", "head_channels=16",
@@ -62,7 +62,7 @@ def test_train_predict_eval_end_to_end(synthetic, tmp_path, capsys):
     assert [r["loss"] for r in read_log(out / "log.jsonl")[:2]] == [r["loss"] for r in rows]
 
     capsys.readouterr()
-    assert main(["eval", str(out), "--data", synthetic.image_dir, "--ann", synthetic.eval_ann, "--quiet",
+    assert main(["eval", "box", str(out), "--data", synthetic.image_dir, "--ann", synthetic.eval_ann, "--quiet",
                  "--box-baseline", "--json", str(tmp_path / "scores.json")]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("mask AP ") and "AP50" in printed and "filled boxes: mask AP" in printed
@@ -72,7 +72,7 @@ def test_train_predict_eval_end_to_end(synthetic, tmp_path, capsys):
 
     images = sorted(Path(synthetic.image_dir).iterdir())[:2]
     pred = tmp_path / "pred"
-    assert main(["predict", str(checkpoint_path(out, 3)), *map(str, images), "-o", str(pred), "--quiet",
+    assert main(["predict", "box", str(checkpoint_path(out, 3)), *map(str, images), "-o", str(pred), "--quiet",
                  "--score-threshold", "0"]) == 0
     for image in images:
         overlay = np.asarray(Image.open(pred / f"{image.stem}_overlay.png"))
@@ -125,7 +125,8 @@ def test_image_deleted_mid_training_names_the_step_and_file(synthetic, tmp_path,
     images.mkdir()
     for p in Path(synthetic.image_dir).iterdir():
         (images / p.name).write_bytes(p.read_bytes())
-    from apro.training import TrainConfig, DataError, train, build_train_dataset
+    from apro.engine import DataError
+    from apro.tasks.box import BoxConfig as TrainConfig, train, build_train_dataset
 
     config = TrainConfig(data=str(images), ann=synthetic.train_ann, out=str(tmp_path / "run"), steps=2,
                          batch_size=2, short_sides=(64,), max_size=64, pretrained=False,
@@ -158,9 +159,9 @@ def test_required_data_and_bad_checkpoints_exit_2(synthetic, tmp_path, capsys):
     bad.write_bytes(b"garbage")
     assert main(["train", "box", "--resume", str(bad)]) == 2
     assert "bad.pt is not readable" in error_line(capsys)
-    assert main(["eval", str(bad), "--data", synthetic.image_dir, "--ann", synthetic.eval_ann]) == 2
+    assert main(["eval", "box", str(bad), "--data", synthetic.image_dir, "--ann", synthetic.eval_ann]) == 2
     assert "bad.pt" in error_line(capsys)
-    assert main(["predict", str(tmp_path / "none.pt"), str(bad), "-o", str(tmp_path / "p")]) == 2
+    assert main(["predict", "box", str(tmp_path / "none.pt"), str(bad), "-o", str(tmp_path / "p")]) == 2
     assert "does not exist" in error_line(capsys)
 
 
@@ -186,7 +187,7 @@ def test_resume_refuses_changed_settings(synthetic, one_step_run, capsys):
 
 def test_eval_needs_masks(synthetic, one_step_run, capsys):
     capsys.readouterr()
-    assert main(["eval", str(one_step_run), "--data", synthetic.image_dir, "--ann", synthetic.train_ann, "--quiet"]) == 2
+    assert main(["eval", "box", str(one_step_run), "--data", synthetic.image_dir, "--ann", synthetic.train_ann, "--quiet"]) == 2
     assert "without 'segmentation'" in error_line(capsys)
 
 

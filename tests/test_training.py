@@ -1,4 +1,4 @@
-"""The training loop's infrastructure (apro/training.py), on a tiny stand-in model and dataset:
+"""The training engine (apro/engine/) driven by the box task (apro/tasks/box.py), on a tiny stand-in model and dataset:
 atomic checkpoints, exact resume, the loss log, the LR schedule, config checks and DDP."""
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from apro import training
-from apro.training import (
+from apro import engine as training
+from apro.engine import (
     CheckpointError,
     LossLog,
-    TrainConfig,
     TrainingError,
     WarmupSchedule,
     checkpoint_path,
@@ -25,8 +24,8 @@ from apro.training import (
     load_checkpoint,
     read_log,
     save_checkpoint,
-    train,
 )
+from apro.tasks.box import BoxConfig as TrainConfig, train
 
 TESTS = Path(__file__).resolve().parent
 
@@ -294,7 +293,7 @@ DDP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from test_training import TinyModel, TinyBoxes, collate, tiny_config
-from apro.training import train
+from apro.tasks.box import train
 import torch.distributed as dist
 cfg = tiny_config({out!r}, steps=4, checkpoint_every=2)
 result = train(cfg, model=TinyModel(), dataset=TinyBoxes(), collate_fn=collate, progress=False)
@@ -390,7 +389,8 @@ DDP_DIVERGING_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, {tests!r})
 from test_training import TinyModel, TinyBoxes, collate, tiny_config
-from apro.training import train, TrainingError
+from apro.engine import TrainingError
+from apro.tasks.box import train
 rank = int(os.environ["RANK"])
 
 class OneRankOdd(TinyModel):

@@ -1,4 +1,4 @@
-"""``apro eval``: COCO mask AP, AP50 and AP75 of a trained checkpoint (paper Sec. 4.1, pycocotools)."""
+"""``apro eval box``: COCO mask AP, AP50 and AP75 of a trained checkpoint (paper Sec. 4.1, pycocotools)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,13 @@ from . import CommandError
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "eval", help="mask AP of a trained checkpoint on a COCO JSON with masks",
+    parser = subparsers.add_parser(
+        "eval", help="score a trained checkpoint on a labelled split",
+        description="Score a checkpoint of `apro train TASK` on data with ground truth. Tasks: `box` (COCO mask AP).",
+    )
+    tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+    p = tasks.add_parser(
+        "box", help="mask AP of a box-task checkpoint on a COCO JSON with masks",
         description="Predict every image of a COCO instances JSON (which must carry masks) with a checkpoint "
                     "of `apro train box` and print COCO mask AP, AP50 and AP75 (pycocotools).",
     )
@@ -30,7 +35,8 @@ def run(args) -> int:
     import torch
 
     from ..evaluation import evaluate_masks, filled_box_predictions
-    from ..training import CheckpointError, evaluate_model, load_trained_model
+    from ..engine import CheckpointError
+    from ..tasks.box import evaluate_model, load_trained_model
     from .train import format_scores
 
     if args.batch_size < 1:

@@ -1,4 +1,4 @@
-"""``apro predict``: instance masks of images with a trained checkpoint, written as PNGs.
+"""``apro predict box``: instance masks of images with a trained checkpoint, written as PNGs.
 
 For each ``IMAGE`` it writes into ``OUTDIR``: ``<name>_overlay.png`` (each instance tinted in
 its own colour and outlined), ``<name>_masks.png`` (16-bit instance ids, 0 = background,
@@ -16,8 +16,13 @@ from . import CommandError
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "predict", help="instance masks of images with a trained checkpoint",
+    parser = subparsers.add_parser(
+        "predict", help="segment images with a trained checkpoint",
+        description="Segment images with a checkpoint of `apro train TASK`. Tasks: `box` (instance masks).",
+    )
+    tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+    p = tasks.add_parser(
+        "box", help="instance masks of images with a box-task checkpoint",
         description="Segment images with a checkpoint of `apro train box`; writes overlay and mask PNGs.",
     )
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file or run directory (latest checkpoint)")
@@ -98,7 +103,8 @@ def run(args) -> int:
     import torch
     from PIL import Image
 
-    from ..training import CheckpointError, load_trained_model
+    from ..engine import CheckpointError
+    from ..tasks.box import load_trained_model
 
     device = args.device
     if device == "auto":

@@ -1,6 +1,6 @@
 """``apro train box``: train SOLOv2 from box annotations with a chosen mask loss (paper Sec. 4.1).
 
-Options come from, in increasing priority: the defaults of :class:`apro.training.TrainConfig`,
+Options come from, in increasing priority: the defaults of :class:`apro.tasks.box.BoxConfig`,
 ``--config FILE.json``, and the command line. With ``--resume`` the checkpoint's own config is
 used; only options that do not change what is computed (paths, the step budget, checkpoint
 frequency, workers, device, progress) may be given alongside it.
@@ -23,7 +23,8 @@ _RESUMABLE = {"data", "ann", "out", "eval_ann", "eval_data", "steps", "checkpoin
 
 
 def add_parser(subparsers) -> None:
-    from ..training import BACKBONES, MASK_LOSSES, OPTIMIZERS, SCHEDULES
+    from ..engine import OPTIMIZERS, SCHEDULES
+    from ..tasks.box import BACKBONES, MASK_LOSSES
 
     parser = subparsers.add_parser(
         "train", help="train an instance segmentation model from boxes",
@@ -39,7 +40,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--data", metavar="DIR", help="folder of the training images")
     p.add_argument("--ann", metavar="FILE", help="COCO instances JSON (boxes and categories are read)")
-    p.add_argument("--config", metavar="FILE.json", help="JSON object of TrainConfig options")
+    p.add_argument("--config", metavar="FILE.json", help="JSON object of BoxConfig options (e.g. configs/pennfudan.json)")
     p.add_argument("--eval-ann", metavar="FILE", dest="eval_ann",
                    help="COCO JSON with masks: report mask AP after training (written to OUT/eval.json)")
     p.add_argument("--eval-data", dest="eval_data", metavar="DIR", help="images of --eval-ann (default --data)")
@@ -89,8 +90,9 @@ def _model_options(items) -> dict:
 
 
 def build_config(args):
-    """The run's TrainConfig and the checkpoint to resume (or None) from parsed arguments."""
-    from ..training import CheckpointError, TrainConfig, load_checkpoint
+    """The run's BoxConfig and the checkpoint to resume (or None) from parsed arguments."""
+    from ..engine import CheckpointError, load_checkpoint
+    from ..tasks.box import BoxConfig
 
     given = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "task", "config", "resume", "quiet")}
     if "model_options" in given:
@@ -109,15 +111,15 @@ def build_config(args):
                     f"a resumed run keeps its settings (only {', '.join(sorted(_RESUMABLE))} may change)"
                 )
         values.update(given)
-        return _make(TrainConfig.from_dict, values, f"checkpoint {state['path']}"), state["path"]
+        return _make(BoxConfig.from_dict, values, f"checkpoint {state['path']}"), state["path"]
     values = {}
     if getattr(args, "config", None) is not None:
         try:
-            values = TrainConfig.from_json(args.config).to_dict()
+            values = BoxConfig.from_json(args.config).to_dict()
         except (FileNotFoundError, ValueError, TypeError) as err:
             raise CommandError(str(err)) from None
     values.update(given)
-    config = _make(TrainConfig.from_dict, values, "options")
+    config = _make(BoxConfig.from_dict, values, "options")
     for key in ("data", "ann"):
         if not getattr(config, key):
             raise CommandError(f"--{key} is required (or set {key!r} in --config)")
@@ -136,7 +138,8 @@ def _make(factory, values, source):
 
 
 def run(args) -> int:
-    from ..training import CheckpointError, DataError, TrainingError, build_train_dataset, evaluate_model, train
+    from ..engine import CheckpointError, DataError, TrainingError
+    from ..tasks.box import build_train_dataset, evaluate_model, train
 
     config, resume = build_config(args)
     try:

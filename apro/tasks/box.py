@@ -1,0 +1,190 @@
+"""Box-supervised instance segmentation (paper Sec. 4.1) as a task of :mod:`apro.engine`.
+
+The model is SOLOv2 (:mod:`apro.modeling.solov2`) trained from the boxes of a COCO-format
+JSON (:class:`apro.data.CocoBoxDataset`) with one of the box mask losses of
+:mod:`apro.losses`; evaluation is COCO mask AP (:mod:`apro.evaluation`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .. import engine
+from ..engine.sampling import to_device
+from ..engine import EngineConfig, Task, check_choice
+
+MASK_LOSSES = (
+    "apro", "projection", "pairwise", "treefilter", "treefilter-local",
+    "crf", "gp", "lp", "gp-lp-c", "lp-gp-c",
+)
+BACKBONES = ("efficientnet_lite0", "resnet50", "resnet101")
+
+
+@dataclass
+class BoxConfig(EngineConfig):
+    """Everything that defines a box-supervised training run (engine fields plus data, model
+    and mask loss); saved into every checkpoint."""
+
+    out: str = "runs/box"
+    data: str = ""
+    ann: str = ""
+    eval_ann: Optional[str] = None
+    eval_data: Optional[str] = None
+
+    mask_loss: str = "apro"
+    backbone: str = "efficientnet_lite0"
+    backbone_weights: Optional[str] = None
+    pretrained: bool = True
+    model_options: dict = field(default_factory=dict)
+
+    short_sides: tuple = (640, 672, 704, 736, 768, 800)
+    max_size: int = 1333
+    test_short_side: int = 800
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.short_sides = tuple(int(s) for s in self.short_sides)
+        self.model_options = dict(self.model_options or {})
+
+    def validate(self) -> "BoxConfig":
+        """Check the values; raises ValueError naming the offending field."""
+        super().validate()
+        check_choice(self.mask_loss, MASK_LOSSES, "mask_loss")
+        check_choice(self.backbone, BACKBONES, "backbone")
+        for name in ("max_size", "test_short_side"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not self.short_sides or min(self.short_sides) < 1:
+            raise ValueError(f"short_sides must be a non-empty list of sizes >= 1, got {self.short_sides!r}")
+        return self
+
+
+def build_model(config: BoxConfig, num_classes: int) -> nn.Module:
+    """The SOLOv2 model of :mod:`apro.modeling` described by ``config``."""
+    from ..modeling import SOLOv2
+
+    return SOLOv2(
+        num_classes,
+        backbone=config.backbone,
+        pretrained=config.pretrained,
+        backbone_weights=config.backbone_weights,
+        mask_loss=config.mask_loss,
+        **config.model_options,
+    )
+
+
+def build_train_dataset(config: BoxConfig):
+    """The training :class:`apro.data.CocoBoxDataset` described by ``config``."""
+    from ..data import CocoBoxDataset
+
+    return CocoBoxDataset(
+        config.data, config.ann, train=True, short_sides=config.short_sides,
+        max_size=config.max_size, flip=config.flip, seed=config.seed,
+    )
+
+
+class BoxTask(Task):
+    """The box task for :func:`apro.engine.train`: SOLOv2 from COCO boxes.
+
+    The model's training forward is ``model(images, valid=..., targets=...)`` returning a
+    dict of loss tensors including ``"loss"``; checkpoints also record the COCO category id
+    of each contiguous class index (``meta["category_ids"]``).
+    """
+
+    name = "box"
+    config_class = BoxConfig
+
+    def build_dataset(self, config):
+        return build_train_dataset(config)
+
+    def build_model(self, config, meta):
+        return build_model(config, meta["num_classes"])
+
+    def collate_fn(self):
+        from ..data import collate_batch
+
+        return collate_batch
+
+    def losses(self, net, batch, device):
+        images = batch["images"].to(device, non_blocking=True)
+        valid = batch.get("valid")
+        valid = valid.to(device, non_blocking=True) if valid is not None else None
+        targets = to_device(batch["targets"], device)
+        return net(images, valid=valid, targets=targets)
+
+    def dataset_meta(self, dataset):
+        meta = super().dataset_meta(dataset)
+        if getattr(dataset, "category_ids", None) is not None:
+            meta["category_ids"] = [int(c) for c in dataset.category_ids]
+        return meta
+
+    def inference_config(self, config):
+        # the weights come from the checkpoint: no ImageNet load, no backbone file needed
+        return dataclasses.replace(config, pretrained=False, backbone_weights=None)
+
+    def describe(self, config):
+        return f"train {config.mask_loss}"
+
+
+def train(config: BoxConfig, **kwargs) -> engine.TrainResult:
+    """:func:`apro.engine.train` with the :class:`BoxTask`; keyword arguments as there."""
+    return engine.train(config, BoxTask(), **kwargs)
+
+
+def load_trained_model(path, device="cpu"):
+    """Rebuild a box-task model from a checkpoint: ``(model, config, meta)``, eval mode."""
+    from . import load_trained_model as load
+
+    return load(path, device=device, task=BoxTask.name)
+
+
+@torch.no_grad()
+def predict_coco(model: nn.Module, dataset, category_ids, batch_size: int = 2, progress: bool = True) -> list:
+    """Run ``model`` over an evaluation :class:`apro.data.CocoBoxDataset` (``train=False``)
+    and return COCO predictions (RLE masks at original size) for
+    :func:`apro.evaluation.evaluate_masks`."""
+    from ..data import collate_batch
+    from ..evaluation import to_coco_predictions
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
+    predictions = []
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True)
+    try:
+        for batch in loader:
+            outputs = model(batch["images"].to(device), valid=batch["valid"].to(device))
+            predictions.extend(to_coco_predictions(outputs, batch["targets"], category_ids))
+    finally:
+        model.train(was_training)
+    return predictions
+
+
+def evaluate_model(model: nn.Module, image_dir, ann_file, *, short_side: int, max_size: Optional[int],
+                   category_ids, batch_size: int = 2, progress: bool = True) -> dict:
+    """Mask AP, AP50, AP75 (percent) of ``model`` on a COCO JSON with masks (paper Sec. 4.1).
+
+    Images are resized to ``short_side`` (long side capped at ``max_size``) as at training
+    time; ``category_ids`` maps the model's contiguous classes to the JSON's category ids.
+    """
+    from ..data import CocoBoxDataset
+    from ..evaluation import evaluate_masks
+
+    dataset = CocoBoxDataset(image_dir, ann_file, train=False, short_sides=(short_side,), max_size=max_size, flip=False)
+    missing = sorted(set(dataset.category_ids) - set(category_ids))
+    if missing:
+        raise ValueError(f"{ann_file} has categories {missing[:10]} the model was not trained on")
+    predictions = predict_coco(model, dataset, category_ids, batch_size=batch_size, progress=progress)
+    known = set(dataset.category_ids)  # a class absent from the evaluation set cannot be scored
+    predictions = [p for p in predictions if p["category_id"] in known]
+    return evaluate_masks(predictions, ann_file, image_ids=dataset.image_ids)
