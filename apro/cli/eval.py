@@ -29,6 +29,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the scores to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
+    from .semantic import add_eval_parser  # apro eval semantic
+    add_eval_parser(tasks)
 
 
 def run(args) -> int:

@@ -35,6 +35,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
+    from .semantic import add_predict_parser  # apro predict semantic
+    add_predict_parser(tasks)
 
 
 def _palette(n: int) -> np.ndarray:

@@ -74,6 +74,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on CUDA")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
+    from .semantic import add_train_parser  # apro train semantic
+    add_train_parser(tasks)
 
 
 def _model_options(items) -> dict:

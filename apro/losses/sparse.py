@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validation import check_count, check_kernel_size
-from ..propagation import local_propagation
+from ..propagation import global_propagation, local_propagation
 from ..tree import SpanningTree
 from ._inputs import (
     check_sparse_inputs,
@@ -45,6 +45,7 @@ def partial_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
 
 def _apro_sparse_terms(
     logits, labels, image, variant, zeta_g, zeta_gh, zeta_s, kernel_size, iterations, weight, ignore_index, tree,
+    features=None, zeta_f=1.0, feature_weight=None,
 ) -> Dict[str, torch.Tensor]:
     check_sparse_inputs(logits, labels, image, ignore_index)
     check_variant(variant, VARIANTS)
@@ -68,14 +69,23 @@ def _apro_sparse_terms(
     def lp(v):
         return local_propagation(v, guide, kernel_size, zeta_s, iterations)
 
+    extra = {}
+    if features is not None:
+        # GP on the network's high-level features (paper §3.2.1), from the same detached phi
+        from .tree_filter import _check_features
+
+        fw = weight if feature_weight is None else check_weight(feature_weight, "feature_weight")
+        fy = global_propagation(phi, _check_features(features, logits), positive(zeta_f, "zeta_f"))
+        extra["feature"] = fw * masked_l1(p, fy, unlabeled)
     if variant == "gp-lp-p":
-        return {"global": weight * masked_l1(p, gp(phi), unlabeled), "local": weight * masked_l1(p, lp(phi), unlabeled)}
+        return {"global": weight * masked_l1(p, gp(phi), unlabeled), "local": weight * masked_l1(p, lp(phi), unlabeled),
+                **extra}
     if variant == "gp":
-        return {"global": weight * masked_l1(p, gp(phi), unlabeled)}
+        return {"global": weight * masked_l1(p, gp(phi), unlabeled), **extra}
     if variant == "lp":
-        return {"local": weight * masked_l1(p, lp(phi), unlabeled)}
+        return {"local": weight * masked_l1(p, lp(phi), unlabeled), **extra}
     target = lp(gp(phi)) if variant == "gp-lp-c" else gp(lp(phi))
-    return {"cascade": 2.0 * weight * masked_l1(p, target, unlabeled)}
+    return {"cascade": 2.0 * weight * masked_l1(p, target, unlabeled), **extra}
 
 
 def apro_sparse_loss(
@@ -92,6 +102,9 @@ def apro_sparse_loss(
     weight: float = 0.4,
     ignore_index: int = 255,
     tree: Optional[SpanningTree] = None,
+    features: Optional[torch.Tensor] = None,
+    zeta_f: float = 1.0,
+    feature_weight: Optional[float] = None,
 ) -> torch.Tensor:
     """APro's unlabeled-pixel term for points / scribbles (paper Eq. 1-6; SPEC §4).
 
@@ -107,12 +120,17 @@ def apro_sparse_loss(
     Args:
         logits: ``(B, K, H, W)``; labels: ``(B, H, W)`` int64; image: ``(B, 3, H, W)`` RGB in [0, 1].
         tree: optional ``B`` trees of the ImageNet-normalised image; built when None.
+        features: optional ``(B, D, H, W)`` high-level features of the network: adds the term
+            ``"feature"``, ``feature_weight * L1(p, GP_f(phi))`` over unlabeled pixels, GP on the
+            features' own tree with ``zeta_f`` (paper §3.2.1: "we empirically employ high-level
+            feature as input"); ``feature_weight=None`` uses ``weight``.
 
     Returns:
         Scalar tensor (0 when every pixel is labeled).
     """
     terms = _apro_sparse_terms(
-        logits, labels, image, variant, zeta_g, zeta_gh, zeta_s, kernel_size, iterations, weight, ignore_index, tree
+        logits, labels, image, variant, zeta_g, zeta_gh, zeta_s, kernel_size, iterations, weight, ignore_index, tree,
+        features, zeta_f, feature_weight,
     )
     return sum(terms.values())
 

@@ -126,27 +126,42 @@ def tree_energy_loss(
     weight: float = 0.4,
     ignore_index: int = 255,
     tree: Optional[SpanningTree] = None,
+    features: Optional[torch.Tensor] = None,
+    sigma_high: float = 1.0,
 ) -> torch.Tensor:
     """Tree energy loss (TEL, CVPR 2022) for points / scribbles: its unlabeled-pixel term.
 
     ``weight * sum_{i unlabeled} sum_k |p_ik - TF(p)_ik| / #unlabeled`` with
     ``p = softmax(logits)`` and ``TF`` the tree filter of the detached ``p`` on the raw RGB
-    image's spanning tree. TEL additionally filters again on a tree of the network's
-    high-level features; this loss sees no features, so only the image (low-level) filter is
-    applied. Partial cross-entropy on labeled pixels is separate
+    image's spanning tree. With ``features`` (TEL's second, high-level tree) the filtered map is
+    filtered again on the minimum spanning tree of the detached features, with edge affinity
+    ``exp(-||f_k - f_l||^2 / sigma_high)`` (TEL applies no bandwidth there: ``sigma_high=1``);
+    without them only the image (low-level) filter is applied. Partial cross-entropy on labeled pixels is separate
     (:func:`partial_cross_entropy`; ``SPARSE_LOSSES["treeenergy"]`` adds both).
 
     Args:
         logits: ``(B, K, H, W)``; labels: ``(B, H, W)`` int64, ``ignore_index`` where unlabeled;
         image: ``(B, 3, H, W)`` RGB in [0, 1].
+        features: optional ``(B, D, H, W)`` high-level features of the network (detached here).
 
     Returns:
         Scalar tensor (0 when no pixel is unlabeled).
     """
-    return sum(_tree_energy_terms(logits, labels, image, sigma, weight, ignore_index, tree).values())
+    return sum(_tree_energy_terms(logits, labels, image, sigma, weight, ignore_index, tree,
+                                  features, sigma_high).values())
 
 
-def _tree_energy_terms(logits, labels, image, sigma, weight, ignore_index, tree) -> Dict[str, torch.Tensor]:
+def _check_features(features, logits) -> torch.Tensor:
+    if not torch.is_tensor(features) or features.dim() != 4:
+        raise ValueError(f"features must be a (B, D, H, W) tensor, got {getattr(features, 'shape', type(features))}")
+    if features.shape[0] != logits.shape[0] or features.shape[-2:] != logits.shape[-2:]:
+        raise ValueError(f"features {tuple(features.shape)} must match the logits' batch and size "
+                         f"{tuple(logits.shape)}")
+    return features.detach().to(work_dtype(logits))
+
+
+def _tree_energy_terms(logits, labels, image, sigma, weight, ignore_index, tree, features=None,
+                       sigma_high=1.0) -> Dict[str, torch.Tensor]:
     check_sparse_inputs(logits, labels, image, ignore_index)
     sigma = positive(sigma, "sigma")
     weight = check_weight(weight, "weight")
@@ -154,7 +169,10 @@ def _tree_energy_terms(logits, labels, image, sigma, weight, ignore_index, tree)
     tree = instance_trees(raw_guide(image, dtype), tree, _RAW_DESC)
     p = torch.softmax(logits, 1)
     unlabeled = (labels == ignore_index).unsqueeze(1).to(device=p.device, dtype=dtype)
-    return {"treeenergy": weight * masked_l1(p, tree_filter(p.detach().to(dtype), tree, sigma), unlabeled)}
+    target = tree_filter(p.detach().to(dtype), tree, sigma)
+    if features is not None:
+        target = tree_filter(target, _check_features(features, logits), positive(sigma_high, "sigma_high"))
+    return {"treeenergy": weight * masked_l1(p, target, unlabeled)}
 
 
 class TreeFilterBoxLoss(nn.Module):

@@ -1,6 +1,7 @@
 """The tasks trained with :mod:`apro.engine`, by name, and rebuilding a trained model.
 
 - ``box``: box-supervised instance segmentation (:mod:`apro.tasks.box`, paper Sec. 4.1).
+- ``semantic``: point / scribble supervised semantic segmentation (:mod:`apro.tasks.semantic`, paper Sec. 4.2).
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import importlib
 
 from ..engine import CheckpointError, Task, load_checkpoint
 
-TASKS = {"box": "apro.tasks.box:BoxTask"}
+TASKS = {"box": "apro.tasks.box:BoxTask", "semantic": "apro.tasks.semantic:SemanticTask"}
 
 
 def get_task(name: str) -> Task:
