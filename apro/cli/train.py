@@ -24,7 +24,7 @@ _RESUMABLE = {"data", "ann", "out", "eval_ann", "eval_data", "steps", "checkpoin
 
 def add_parser(subparsers) -> None:
     from ..engine import OPTIMIZERS, SCHEDULES
-    from ..tasks.box import BACKBONES, MASK_LOSSES
+    from ..tasks.box import BACKBONES, MASK_LOSSES, MODELS
 
     parser = subparsers.add_parser(
         "train", help="train an instance segmentation model from boxes",
@@ -45,6 +45,7 @@ def add_parser(subparsers) -> None:
                    help="COCO JSON with masks: report mask AP after training (written to OUT/eval.json)")
     p.add_argument("--eval-data", dest="eval_data", metavar="DIR", help="images of --eval-ann (default --data)")
     p.add_argument("--mask-loss", dest="mask_loss", choices=MASK_LOSSES, help="mask loss (default apro)")
+    p.add_argument("--model", choices=MODELS, help="network: solov2 (default) or mask2former (query head, docs/mask2former.md)")
     p.add_argument("--backbone", choices=BACKBONES, help="backbone (default efficientnet_lite0)")
     p.add_argument("--backbone-weights", dest="backbone_weights", metavar="PATH",
                    help="local backbone checkpoint (torchvision format for ResNet)")

@@ -23,6 +23,7 @@ MASK_LOSSES = (
     "crf", "gp", "lp", "gp-lp-c", "lp-gp-c",
 )
 BACKBONES = ("efficientnet_lite0", "resnet50", "resnet101")
+MODELS = ("solov2", "mask2former")  # apro.modeling.SOLOv2, apro.modeling.Mask2Former
 
 
 @dataclass
@@ -37,6 +38,7 @@ class BoxConfig(EngineConfig):
     eval_data: Optional[str] = None
 
     mask_loss: str = "apro"
+    model: str = "solov2"
     backbone: str = "efficientnet_lite0"
     backbone_weights: Optional[str] = None
     pretrained: bool = True
@@ -56,6 +58,7 @@ class BoxConfig(EngineConfig):
         """Check the values; raises ValueError naming the offending field."""
         super().validate()
         check_choice(self.mask_loss, MASK_LOSSES, "mask_loss")
+        check_choice(self.model, MODELS, "model")
         check_choice(self.backbone, BACKBONES, "backbone")
         for name in ("max_size", "test_short_side"):
             if int(getattr(self, name)) < 1:
@@ -65,11 +68,18 @@ class BoxConfig(EngineConfig):
         return self
 
 
-def build_model(config: BoxConfig, num_classes: int) -> nn.Module:
-    """The SOLOv2 model of :mod:`apro.modeling` described by ``config``."""
-    from ..modeling import SOLOv2
+def model_class(name: str) -> type:
+    """The network class of a :data:`MODELS` name: :class:`~apro.modeling.SOLOv2` or
+    :class:`~apro.modeling.Mask2Former` (both take ``model_options`` as keyword arguments)."""
+    from ..modeling import Mask2Former, SOLOv2
 
-    return SOLOv2(
+    check_choice(name, MODELS, "model")
+    return {"solov2": SOLOv2, "mask2former": Mask2Former}[name]
+
+
+def build_model(config: BoxConfig, num_classes: int) -> nn.Module:
+    """The model of :mod:`apro.modeling` described by ``config`` (``config.model``: SOLOv2 or Mask2Former)."""
+    return model_class(config.model)(
         num_classes,
         backbone=config.backbone,
         pretrained=config.pretrained,
