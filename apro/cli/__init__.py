@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "refine", "affinity", "train", "predict", "eval")
+COMMANDS = ("demo", "refine", "affinity", "train", "predict", "eval", "pseudo-label")
 
 # one-line help of each command, shown by `apro --help` without importing its module
 SUMMARIES = {
@@ -23,6 +23,7 @@ SUMMARIES = {
     "train": "train a segmentation model from weak labels (boxes, ...)",
     "predict": "masks of images with a trained checkpoint",
     "eval": "score a trained checkpoint on annotated data (COCO mask AP, ...)",
+    "pseudo-label": "semantic pseudo labels from a frozen CLIP or ImageNet classifier, refined by APro",
 }
 
 
@@ -64,7 +65,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
         if argv is not None and name != chosen and name in SUMMARIES:
             sub.add_parser(name, help=SUMMARIES[name], add_help=False)
         else:
-            importlib.import_module(f"apro.cli.{name}").add_parser(sub)
+            importlib.import_module(f"apro.cli.{name.replace('-', '_')}").add_parser(sub)
     return parser
 
 
