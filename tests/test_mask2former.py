@@ -334,3 +334,112 @@ def test_a_tiny_run_fits_its_boxes():
     assert mean("mask_projection", last) < 0.3 * mean("mask_projection", first), rows
     assert mean("loss_class", last) < 0.75 * mean("loss_class", first), rows
     assert mean("loss", last) < 0.5 * mean("loss", first), rows
+
+
+# --------------------------------------------------------------------------------------------
+# Through the engine: the box task with model="mask2former", exact resume, two-process DDP
+
+ENGINE_MODEL = dict(TINY, gp_size=16)
+
+
+def _engine_config(syn, out, **kw):
+    from apro.tasks.box import BoxConfig
+
+    base = dict(model="mask2former", data=syn.image_dir, ann=syn.train_ann, out=str(out), steps=6, batch_size=2,
+                short_sides=(64,), max_size=64, test_short_side=64, pretrained=False, optimizer="adamw", lr=1e-3,
+                warmup_steps=2, checkpoint_every=3, seed=3, model_options=ENGINE_MODEL)
+    base.update(kw)
+    return BoxConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from apro.data import make_synthetic_coco
+
+    return make_synthetic_coco(tmp_path_factory.mktemp("coco"), 8, size=(64, 64), num_classes=2, seed=3)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _curve(history):
+    return [(r["step"], r["epoch"], r["lr"], r["loss"], r["loss_class"], r["loss_mask"]) for r in history]
+
+
+def test_box_task_builds_mask2former_and_resumes_exactly(synthetic, tmp_path, one_thread):
+    from apro.engine import checkpoint_path, load_checkpoint
+    from apro.tasks.box import load_trained_model, train
+
+    full = train(_engine_config(synthetic, tmp_path / "full"), progress=False)
+    assert type(full.model).__name__ == "Mask2Former"
+    train(_engine_config(synthetic, tmp_path / "cut"), progress=False, stop_after=4)
+    resumed = train(_engine_config(synthetic, tmp_path / "cut"), resume=checkpoint_path(tmp_path / "cut", 3),
+                    progress=False)
+    assert resumed.step == 6
+    assert _curve(resumed.history) == _curve(full.history)
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert {"loss_layer0", "loss_layer2", "mask_projection", "mask_global", "mask_local"} <= set(full.history[-1])
+    saved = load_checkpoint(tmp_path / "full")["config"]
+    assert saved["model"] == "mask2former" and saved["model_options"]["num_queries"] == TINY["num_queries"]
+    model, config, meta = load_trained_model(tmp_path / "full")
+    assert type(model).__name__ == "Mask2Former" and not model.training and meta["num_classes"] == 2
+    torch.testing.assert_close(model.state_dict()["class_embed.weight"], full.model.state_dict()["class_embed.weight"])
+
+
+def test_box_config_checks_the_model_name():
+    from apro.tasks.box import BoxConfig
+
+    assert BoxConfig().model == "solov2"
+    with pytest.raises(ValueError, match="model must be one of"):
+        BoxConfig(model="maskrcnn").validate()
+
+
+DDP_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+from apro.data import make_synthetic_coco
+from apro.tasks.box import train
+from test_mask2former import _engine_config
+rank = os.environ["RANK"]
+syn = make_synthetic_coco({data!r} + "/" + rank, 8, size=(64, 64), num_classes=2, seed=3)
+result = train(_engine_config(syn, {out!r}, steps=3, batch_size=1, checkpoint_every=3), progress=False)
+torch.save({{"state": result.model.state_dict(), "history": result.history}}, {out!r} + "/rank" + rank + ".pt")
+"""
+
+
+def test_two_process_ddp_trains_mask2former_with_identical_replicas(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from apro.engine import list_checkpoints, load_checkpoint
+
+    out = tmp_path / "run"
+    out.mkdir()
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).resolve().parent), out=str(out),
+                                        data=str(tmp_path / "data")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={port}", str(script)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for (name, a), b in zip(r0["state"].items(), r1["state"].values()):
+        assert torch.equal(a, b), f"rank 0 and rank 1 disagree on {name}"
+    assert r0["history"] == r1["history"] and len(r0["history"]) == 3
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint_00000003.pt"]
+    state = load_checkpoint(out)
+    assert len(state["rng"]) == 2
+    assert not torch.equal(state["model"]["class_embed.weight"], torch.zeros_like(state["model"]["class_embed.weight"]))
