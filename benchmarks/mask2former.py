@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 # The CPU recipe (docs/mask2former.md): frozen ImageNet EfficientNet-Lite0, 64-wide head.
 MODEL = dict(hidden_dim=64, num_queries=50, num_heads=4, feedforward_dim=256, decoder_layers=3, mask_dim=64,
              mask_stride=4, gp_size=96, zeta_gl=0.025, zeta_gh=0.03, freeze_backbone=True)
-RECIPE = dict(short_sides=(256, 288, 320), max_size=512, test_short_side=288, steps=700, batch_size=2,
-              optimizer="adamw", lr=3e-4, weight_decay=0.05, schedule="cosine", warmup_steps=50, grad_clip=1.0,
+RECIPE = dict(short_sides=(224, 256), max_size=416, test_short_side=256, steps=400, batch_size=2,
+              optimizer="adamw", lr=5e-4, weight_decay=0.05, schedule="cosine", warmup_steps=30, grad_clip=1.0,
               checkpoint_every=100, keep_checkpoints=2, amp=False)
 
 
