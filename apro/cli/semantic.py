@@ -48,9 +48,9 @@ def add_train_parser(tasks) -> None:
     p.add_argument("--backbone-weights", dest="backbone_weights", metavar="PATH",
                    help="local backbone checkpoint (torchvision format for ResNet)")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random backbone init")
-    p.add_argument("--crop", type=int, metavar="PX", help="square training crop (default 256; TEL 512)")
+    p.add_argument("--crop", type=int, metavar="PX", help="square training crop (default 192; TEL 512)")
     p.add_argument("--long-side", dest="long_side", type=int, metavar="PX",
-                   help="resize images to this long side before augmenting (default 320)")
+                   help="resize images to this long side before augmenting (default 256)")
     p.add_argument("--scale", type=float, nargs=2, metavar=("LO", "HI"), help="random scale range")
     p.add_argument("--steps", type=int, help="optimizer steps in total")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="images per step and process")

@@ -1,0 +1,133 @@
+"""Point / scribble supervised semantic segmentation (issue 11; paper Table 2): the step cost of
+each loss, and the training table.
+
+``step`` (default): one full training step (forward, loss, backward, SGD update) of the
+recipe's model on a real ``voc-sparse`` batch, timed *interleaved*: pce, apro, treeenergy,
+pce, apro, ... on the same batch, so that machine load drifts hit every loss alike. Reports
+the median step time per loss and the APro overhead as the median of per-round ratios
+``apro / pce - 1``. One thread unless ``--threads``.
+
+``table``: runs ``apro train semantic`` then ``apro eval semantic`` for every (labels, loss,
+seed) asked, one after another, and prints the markdown table of val mIoU. Example::
+
+    python benchmarks/semantic.py step --rounds 10
+    python benchmarks/semantic.py table --labels points scribbles --losses pce treeenergy apro \\
+        --seeds 0 --steps 250 --crop 192 --long-side 256 --out runs/semantic
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _batch(data, labels, crop, long_side, batch_size, seed=0):
+    from apro.data.augmentation import SemanticAugmentation
+    from apro.data.voc import VocSegmentation
+
+    ds = VocSegmentation(data, "train", labels=labels,
+                         transform=SemanticAugmentation(crop, (0.5, 1.5), long_side,
+                                                        generator=torch.Generator().manual_seed(seed)))
+    items = [ds[i] for i in range(batch_size)]
+    return torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items])
+
+
+def step_cost(args) -> None:
+    from apro.tasks.semantic import SemanticConfig, build_model, semantic_losses
+
+    torch.set_num_threads(args.threads)
+    image, labels = _batch(args.data, args.labels, args.crop, args.long_side, args.batch_size)
+    model = build_model(SemanticConfig(), 21).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    configs = {name: SemanticConfig(loss=name) for name in args.losses}
+
+    def one(cfg):
+        t = time.perf_counter()
+        out = model(image)
+        terms = semantic_losses(cfg, out["logits"], out["features"], image, labels)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt.step()
+        return time.perf_counter() - t
+
+    for cfg in configs.values():  # warm-up: numba compilation, allocator
+        one(cfg)
+    times = {name: [] for name in configs}
+    for _ in range(args.rounds):
+        for name, cfg in configs.items():
+            times[name].append(one(cfg))
+    base = times.get("pce")
+    print(f"| loss | median step (s) | overhead vs pce (median of per-round ratios) |")
+    print("| --- | --- | --- |")
+    for name, ts in times.items():
+        over = "" if base is None or name == "pce" else \
+            f"{100 * statistics.median(t / b - 1 for t, b in zip(ts, base)):+.0f} %"
+        print(f"| {name} | {statistics.median(ts):.3f} | {over} |")
+    print(f"\nbatch {args.batch_size} x {args.crop}x{args.crop}, {args.labels}, {args.rounds} interleaved rounds, "
+          f"{args.threads} thread(s), torch {torch.__version__}")
+
+
+def table(args) -> None:
+    rows = []
+    for labels in args.labels:
+        for loss in args.losses:
+            for seed in args.seeds:
+                out = os.path.join(args.out, f"{labels}_{loss}_s{seed}")
+                cmd = ["apro", "train", "semantic", "--labels", labels, "--loss", loss, "--steps", str(args.steps),
+                       "--crop", str(args.crop), "--long-side", str(args.long_side), "--seed", str(seed),
+                       "--out", out, "--quiet"] + (["--data", args.data] if args.data else [])
+                if not os.path.exists(os.path.join(out, "log.csv")):
+                    t = time.time()
+                    subprocess.run(cmd, check=True)
+                    print(f"{out}: trained in {time.time() - t:.0f} s", file=sys.stderr)
+                if not os.path.exists(os.path.join(out, "eval_val.json")):
+                    subprocess.run(["apro", "eval", "semantic", out, "--split", "val", "--quiet"]
+                                   + (["--data", args.data] if args.data else []), check=True,
+                                   stdout=subprocess.DEVNULL)
+                with open(os.path.join(out, "eval_val.json")) as f:
+                    rows.append((labels, loss, seed, 100 * json.load(f)["miou"], " ".join(cmd)))
+    print("| labels | loss | seed | val mIoU (%) |")
+    print("| --- | --- | --- | --- |")
+    for labels, loss, seed, miou, _ in rows:
+        print(f"| {labels} | {loss} | {seed} | {miou:.1f} |")
+
+
+def main(argv=None) -> None:
+    from apro.tasks.semantic import default_data_root
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="mode")
+    s = sub.add_parser("step", help="interleaved step cost per loss")
+    s.add_argument("--rounds", type=int, default=10)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--losses", nargs="+", default=["pce", "apro", "treeenergy"])
+    s.add_argument("--labels", default="points")
+    t = sub.add_parser("table", help="train and score every run of the table")
+    t.add_argument("--labels", nargs="+", default=["points", "scribbles"])
+    t.add_argument("--losses", nargs="+", default=["pce", "treeenergy", "apro"])
+    t.add_argument("--seeds", nargs="+", type=int, default=[0])
+    t.add_argument("--steps", type=int, default=250)
+    t.add_argument("--out", default="runs/semantic")
+    for p in (s, t):
+        p.add_argument("--data", default=None, help="voc-sparse directory (default $APRO_DATA/voc-sparse)")
+        p.add_argument("--crop", type=int, default=192)
+        p.add_argument("--long-side", type=int, default=256)
+    args = parser.parse_args(argv)
+    if args.mode in (None, "step"):
+        if args.mode is None:
+            args = parser.parse_args(["step", *(argv or [])])
+        args.data = args.data or default_data_root()
+        step_cost(args)
+    else:
+        table(args)
+
+
+if __name__ == "__main__":
+    main()
