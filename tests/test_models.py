@@ -508,3 +508,99 @@ def test_overfits_one_image():
     mask = result["masks"][0]
     iou = float((mask & ellipse).sum()) / float((mask | ellipse).sum())
     assert iou > 0.6
+
+
+# --------------------------------------------------------------------------- CPU recipe options
+@pytest.mark.parametrize("version, blocks, channels", [
+    (1, (3, 6, 14, 20), (24, 40, 112, 320)), (2, (3, 6, 14, 20), (24, 48, 120, 352))])
+def test_efficientnet_lite1_lite2_feature_strides_and_channels(version, blocks, channels):
+    from apro.modeling.backbones import EfficientNetLite
+
+    torch.manual_seed(0)
+    net = EfficientNetLite(version, pretrained=False)
+    assert net.feature_blocks == blocks and net.out_channels == channels
+    features = net(torch.randn(1, 3, 64, 96))
+    assert [tuple(f.shape) for f in features] == [
+        (1, c, 64 // s, 96 // s) for c, s in zip(channels, (4, 8, 16, 32))]
+    assert isinstance(build_backbone(f"efficientnet_lite{version}", pretrained=False), EfficientNetLite)
+
+
+@pytest.mark.parametrize("stages", [0, 1, 3, 4])
+def test_frozen_stages_train_only_what_they_should(stages):
+    """Stem + the first ``stages`` stages get no gradient and do not move under an optimizer
+    step; every later stage, the FPN and the heads do."""
+    torch.manual_seed(0)
+    model = SOLOv2(3, mask_loss="projection", frozen_stages=stages, **TINY)
+    groups = model.backbone.stage_modules()
+    before = [[p.detach().clone() for p in g.parameters()] for g in groups]
+    out = model(torch.rand(2, 3, 128, 128), targets=_targets())
+    out["loss"].backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    torch.optim.SGD(trainable, lr=0.5).step()
+    for index, (group, old) in enumerate(zip(groups, before)):
+        frozen = stages > 0 and index <= stages
+        assert all(p.requires_grad != frozen for p in group.parameters()), index
+        moved = any(not torch.equal(p, q) for p, q in zip(group.parameters(), old))
+        assert moved != frozen, (index, stages)
+    for part in (model.fpn, model.mask_features, model.head):
+        assert all(p.requires_grad and p.grad is not None for p in part.parameters())
+    with pytest.raises(ValueError, match="frozen stages"):
+        SOLOv2(1, frozen_stages=5, **TINY)
+
+
+def test_fully_frozen_backbone_records_no_graph():
+    torch.manual_seed(0)
+    model = SOLOv2(1, frozen_stages=4, **TINY).train()
+    features = model.backbone(torch.rand(1, 3, 64, 64))
+    assert all(not f.requires_grad and f.grad_fn is None for f in features)
+
+
+def test_cached_backbone_features_match_and_are_reused(monkeypatch):
+    """The cache gives the backbone's features of each image (up to float16 rounding) padded
+    with zeros to the batch, computes each (image, size, flip) once, and the losses it yields
+    match those of the uncached model."""
+    torch.manual_seed(0)
+    cached = SOLOv2(3, frozen_stages=4, cache_backbone=True, mask_loss="projection", **TINY).train()
+    plain = SOLOv2(3, frozen_stages=4, mask_loss="projection", **TINY).train()
+    plain.load_state_dict(cached.state_dict())
+    images = torch.rand(2, 3, 128, 128)
+    images[1, :, 96:] = 0  # the second image is 96 rows high, padded to the batch
+    targets = _targets()
+    for i, size in enumerate(((128, 128), (96, 128))):
+        targets[i].update(image_id=10 + i, size=size, flipped=False)
+    calls = []
+    forward = cached.backbone.forward
+    monkeypatch.setattr(cached.backbone, "forward", lambda x: calls.append(tuple(x.shape)) or forward(x))
+    x = (images - cached.pixel_mean) / cached.pixel_std
+    got = cached._cached_features(x, targets)
+    assert calls == [(1, 3, 128, 128), (1, 3, 96, 128)]
+    with torch.no_grad():
+        full = plain.backbone(x[:1])
+        second = plain.backbone(x[1:, :, :96])
+    for level, (g, f, s) in enumerate(zip(got, full, second)):
+        assert g.dtype == torch.float32 and g.shape[0] == 2
+        assert torch.allclose(g[0], f[0], atol=2e-2 * float(f.abs().max()) + 1e-3)
+        h = s.shape[-2]
+        assert torch.allclose(g[1, :, :h], s[0], atol=2e-2 * float(s.abs().max()) + 1e-3)
+        assert float(g[1, :, h:].abs().sum()) == 0.0
+    loss_cached = cached(images, targets=targets)["loss"]
+    assert len(calls) == 2  # the second forward reads the cache
+    loss_plain = plain(images, targets=targets)["loss"]
+    loss_cached, loss_plain = float(loss_cached.detach()), float(loss_plain.detach())
+    assert math.isfinite(loss_cached) and abs(loss_cached - loss_plain) < 0.05 * loss_plain
+    with pytest.raises(ValueError, match="frozen_stages=4"):
+        SOLOv2(1, cache_backbone=True, **TINY)
+    with pytest.raises(ValueError, match="image_id"):
+        cached(images, targets=_targets())
+
+
+def test_dynamic_masks_equal_the_gathered_product():
+    from apro.modeling.solov2 import _dynamic_masks
+
+    g = torch.Generator().manual_seed(0)
+    kernels = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    features = torch.randn(3, 5, 4, 6, dtype=torch.float64, generator=g)
+    for index in ([0, 0, 1, 1, 1, 2, 2], [2, 0, 1, 0, 2, 1, 0], [1] * 7):
+        index = torch.tensor(index)
+        expected = torch.einsum("ne,nep->np", kernels, features.flatten(2)[index]).view(-1, 1, 4, 6)
+        assert torch.allclose(_dynamic_masks(kernels, index, features), expected)

