@@ -269,3 +269,16 @@ def test_torchrun_two_processes_train_the_real_model(synthetic, tmp_path):
     state = load_checkpoint(out)
     assert len(state["rng"]) == 2
     assert [r["step"] for r in read_log(out / "log.jsonl")] == [1, 2]
+
+
+def test_resume_with_more_steps_keeps_the_decayed_learning_rate(synthetic, tmp_path):
+    """What --help and docs/training.md say: the schedule is the first run's, so the extra steps
+    of `--resume RUN --steps N` run at its final (decayed) learning rate."""
+    out = tmp_path / "run"
+    assert main(train_args(synthetic, out, "--steps", "4", "--lr", "0.01")) == 0
+    assert main(["train", "box", "--resume", str(out), "--steps", "6", "--quiet"]) == 0
+    lrs = [r["lr"] for r in read_log(out / "log.jsonl")]
+    assert len(lrs) == 6
+    final = lrs[3]
+    assert final == pytest.approx(0.01 * 0.01)  # decayed twice (milestones at 75% and 90% of 4 steps)
+    assert lrs[4:] == pytest.approx([final, final])

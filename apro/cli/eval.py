@@ -43,6 +43,8 @@ def run(args) -> int:
 
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.short_side is not None and args.short_side < 1:
+        raise CommandError(f"--short-side must be >= 1, got {args.short_side}")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
