@@ -7,6 +7,7 @@ JSON (:class:`apro.data.CocoBoxDataset`) with one of the box mask losses of
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,7 +23,7 @@ MASK_LOSSES = (
     "apro", "projection", "pairwise", "treefilter", "treefilter-local",
     "crf", "gp", "lp", "gp-lp-c", "lp-gp-c",
 )
-BACKBONES = ("efficientnet_lite0", "resnet50", "resnet101")
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "resnet101")
 MODELS = ("solov2", "mask2former")  # apro.modeling.SOLOv2, apro.modeling.Mask2Former
 
 
@@ -46,13 +47,33 @@ class BoxConfig(EngineConfig):
 
     short_sides: tuple = (640, 672, 704, 736, 768, 800)
     max_size: int = 1333
-    test_short_side: int = 800
+    test_short_side: Optional[int] = None  # None: the largest training short side
     flip: bool = True
+
+    # What a shipped recipe (configs/*.json) states about itself; not used by training.
+    description: str = ""
+    budget_minutes: Optional[float] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.short_sides = tuple(int(s) for s in self.short_sides)
         self.model_options = dict(self.model_options or {})
+        if self.test_short_side is None and self.short_sides:
+            # evaluate at the scale the model was trained at, not at a fixed 800
+            self.test_short_side = max(self.short_sides)
+
+    @classmethod
+    def from_json(cls, path, data_root: Optional[str] = None) -> "BoxConfig":
+        """Read a recipe (a JSON object of options). Relative ``data``, ``ann``, ``eval_ann`` and
+        ``eval_data`` paths in it are relative to ``data_root`` (default
+        :func:`default_data_root`), so that a shipped recipe names no machine's folders."""
+        config = super().from_json(path)
+        root = data_root if data_root is not None else default_data_root()
+        for key in ("data", "ann", "eval_ann", "eval_data"):
+            value = getattr(config, key)
+            if value and not os.path.isabs(value):
+                setattr(config, key, os.path.join(root, value))
+        return config
 
     def validate(self) -> "BoxConfig":
         """Check the values; raises ValueError naming the offending field."""
@@ -60,12 +81,20 @@ class BoxConfig(EngineConfig):
         check_choice(self.mask_loss, MASK_LOSSES, "mask_loss")
         check_choice(self.model, MODELS, "model")
         check_choice(self.backbone, BACKBONES, "backbone")
+        if self.budget_minutes is not None and not self.budget_minutes > 0:
+            raise ValueError(f"budget_minutes must be > 0 or null, got {self.budget_minutes!r}")
         for name in ("max_size", "test_short_side"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not self.short_sides or min(self.short_sides) < 1:
             raise ValueError(f"short_sides must be a non-empty list of sizes >= 1, got {self.short_sides!r}")
         return self
+
+
+def default_data_root() -> str:
+    """Folder the relative paths of a recipe are read from: ``$APRO_DATA``, else
+    ``../shared/data`` relative to the working directory (the repository root)."""
+    return os.environ.get("APRO_DATA") or os.path.join("..", "shared", "data")
 
 
 def model_class(name: str) -> type:

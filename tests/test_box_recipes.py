@@ -1,0 +1,123 @@
+"""The shipped box recipes (configs/*.json) and what they add to the box task: recipe loading
+against a data root, evaluation at the trained scale, a frozen and cached backbone trained
+through the engine (synthetic data only; no file of ../shared/data is read)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from apro.cli import main
+from apro.data import CocoBoxDataset, make_synthetic_coco
+from apro.engine import list_checkpoints, load_checkpoint
+from apro.tasks.box import BoxConfig, build_model, train
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RECIPES = ("pennfudan", "coco_person", "coco_mini20")
+TINY = dict(fpn_channels=16, head_channels=16, mask_channels=8, mask_branch_channels=16,
+            grid_sizes=[8, 4], scale_ranges=[[1, 32], [24, 4096]])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return make_synthetic_coco(tmp_path_factory.mktemp("coco"), 8, size=(64, 64), num_classes=2, seed=3)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_shipped_recipe_loads_validates_and_names_no_machine_path(name, tmp_path):
+    path = CONFIGS / f"{name}.json"
+    raw = json.loads(path.read_text())
+    for key in ("data", "ann", "eval_ann"):
+        assert raw[key] and not Path(raw[key]).is_absolute() and raw[key].startswith(f"{name}/"), key
+    assert "/work/" not in path.read_text()
+    config = BoxConfig.from_json(path, data_root=str(tmp_path)).validate()
+    assert config.data == str(tmp_path / raw["data"]) and config.eval_ann == str(tmp_path / raw["eval_ann"])
+    assert config.budget_minutes and config.budget_minutes > 0 and config.description
+    assert config.test_short_side <= max(config.short_sides)
+    assert config.model_options["frozen_stages"] in range(5)
+    # the model options are ones the model takes (random weights: nothing is loaded)
+    model = build_model(BoxConfig.from_dict(dict(config.to_dict(), pretrained=False)), 3)
+    assert model.mask_stride == config.model_options["mask_stride"]
+    assert len(model.grid_sizes) == len(config.model_options["scale_ranges"])
+
+
+def test_recipe_paths_follow_the_data_root(tmp_path, monkeypatch):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"data": "set/images", "ann": "/abs/train.json", "steps": 3}))
+    monkeypatch.setenv("APRO_DATA", str(tmp_path / "root"))
+    config = BoxConfig.from_json(recipe)
+    assert config.data == str(tmp_path / "root" / "set" / "images")
+    assert config.ann == "/abs/train.json"  # absolute paths are kept
+    assert BoxConfig.from_json(recipe, data_root="elsewhere").data == str(Path("elsewhere") / "set" / "images")
+    recipe.write_text(json.dumps({"budget_minutes": 0}))
+    with pytest.raises(ValueError, match="budget_minutes"):
+        BoxConfig.from_json(recipe).validate()
+    recipe.write_text(json.dumps({"budget_minute": 5}))
+    with pytest.raises(ValueError, match="unknown option"):
+        BoxConfig.from_json(recipe)
+
+
+def test_test_short_side_defaults_to_the_training_scale():
+    assert BoxConfig(short_sides=(288, 320)).test_short_side == 320
+    assert BoxConfig(short_sides=(288, 320), test_short_side=256).test_short_side == 256
+    assert BoxConfig().test_short_side == 800  # the default training sizes end at 800
+
+
+def test_evaluation_scale_follows_the_config(synthetic, tmp_path, monkeypatch, capsys):
+    """`apro eval box` on a run trained at short side 48 resizes the evaluation images to 48."""
+    out = tmp_path / "run"
+    args = ["train", "box", "--data", synthetic.image_dir, "--ann", synthetic.train_ann, "--out", str(out),
+            "--steps", "1", "--batch-size", "2", "--short-sides", "48", "--max-size", "64", "--no-pretrained",
+            "--warmup-steps", "1", "--quiet", "--mask-loss", "projection"]
+    for key, value in TINY.items():
+        args += ["--model-option", f"{key}={json.dumps(value)}"]
+    assert main(args) == 0
+    assert load_checkpoint(out)["config"]["test_short_side"] == 48
+    seen = []
+    init = CocoBoxDataset.__init__
+
+    def spy(self, *a, **k):
+        init(self, *a, **k)
+        if not self.train:
+            seen.append(tuple(self.short_sides))
+
+    monkeypatch.setattr(CocoBoxDataset, "__init__", spy)
+    capsys.readouterr()
+    assert main(["eval", "box", str(out), "--data", synthetic.image_dir, "--ann", synthetic.eval_ann, "--quiet"]) == 0
+    assert seen and set(seen) == {(48,)}
+
+
+def test_frozen_cached_backbone_trains_only_the_heads(synthetic, tmp_path):
+    """Through the engine, a recipe with the whole backbone frozen and cached leaves every
+    backbone tensor untouched, moves the FPN and heads, and resumes exactly."""
+    config = BoxConfig(data=synthetic.image_dir, ann=synthetic.train_ann, out=str(tmp_path / "run"), steps=4,
+                       batch_size=2, optimizer="adamw", lr=1e-3, warmup_steps=1, short_sides=(64,), max_size=64,
+                       pretrained=False, mask_loss="apro", checkpoint_every=2, amp=False,
+                       model_options=dict(TINY, frozen_stages=4, cache_backbone=True))
+    torch.manual_seed(config.seed)
+    dataset = CocoBoxDataset(config.data, config.ann, short_sides=config.short_sides, max_size=64)
+    model = build_model(config, dataset.num_classes)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(config, model=model, progress=False)
+    end = result.model.state_dict()
+    backbone = [k for k in end if k.startswith("backbone.")]
+    heads = [k for k in end if k.startswith(("fpn.", "head.", "mask_features.")) and end[k].is_floating_point()]
+    assert backbone and heads
+    assert all(torch.equal(start[k], end[k]) for k in backbone)
+    assert sum(not torch.equal(start[k], end[k]) for k in heads) > len(heads) // 2
+    assert not any(p.requires_grad for p in result.model.backbone.parameters())
+    assert len(result.model._feature_cache) > 0  # features were cached and reused
+    # resuming from step 2 (empty cache) reproduces the uninterrupted loss curve
+    resumed = train(BoxConfig.from_dict(dict(config.to_dict(), out=str(tmp_path / "again"))),
+                    resume=list_checkpoints(tmp_path / "run")[0], progress=False)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in result.history]
