@@ -220,3 +220,22 @@ def test_real_voc_sparse_split_files():
     ds = VocSegmentation(REAL, "train", labels="points")
     item = ds[0]
     assert item["label"].shape == item["gt"].shape == item["image"].shape[-2:]
+
+
+def test_shrinking_keeps_sparse_clicks():
+    label = torch.full((200, 240), 255, dtype=torch.long)
+    clicks = [(10, 10, 3), (57, 101, 15), (150, 200, 8), (151, 201, 8), (120, 30, 0)]
+    for y, x, c in clicks:
+        label[y - 1:y + 2, x] = c  # 5-pixel cross, as the voc-sparse points
+        label[y, x - 1:x + 2] = c
+    gt = torch.zeros_like(label)
+    image = torch.rand(3, 200, 240)
+    aug = SemanticAugmentation(crop=64, scale=(1.0, 1.0), long_side=60, flip=False)
+    img, lab, g = aug(image, label, gt)
+    # every click survives the 4x shrink, at the pixel its centre lands on
+    for y, x, c in clicks:
+        ty, tx = int((y + 0.5) * 50 / 200), int((x + 0.5) * 60 / 240)
+        assert int(lab[ty - 1:ty + 2, tx - 1:tx + 2].eq(c).sum()) >= 1, (y, x, c)
+    assert set(lab.unique().tolist()) == {0, 3, 8, 15, 255}
+    assert int((lab != 255).sum()) <= 2 * len(clicks)  # no smearing: a few pixels per click
+    assert bool((g[:50, :60] == 0).all())  # dense maps are resized by plain nearest neighbour
