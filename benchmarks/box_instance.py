@@ -1,213 +1,369 @@
-"""Box-supervised instance segmentation: mask AP per mask loss at a fixed CPU budget, and the
-time the APro loss adds to a training step (issue 4; paper Tables 4, 5 and 7).
+"""Box-supervised instance segmentation on real photos: mask AP per (model, mask loss) with one
+recipe, budget and seeds (issue 9; paper Tables 4, 5 and 7), the step cost of APro vs
+projection at the recipe's resolution, and a qualitative grid.
 
-Data: a COCO-format set given with ``--data/--ann/--eval-ann``, else the first one found
-under ``/work/shared/data`` (a folder holding ``annotations/instances_train*.json``,
-``annotations/instances_val*.json`` and the images), else -- or with ``--synthetic`` -- a
-synthetic set of textured shapes written by :func:`apro.data.make_synthetic_coco`.
+Data: ``--data-root`` (default ``$APRO_DATA``, else ``../shared/data`` beside the repository)
+holding the COCO-format sets ``pennfudan``, ``coco_person``, ``coco_mini20``. The recipe of a
+set is ``configs/<set>.json`` (paths in it are relative to the data root).
 
-Every variant trains the same model from the same seed for the same number of steps on the
-same data; only the mask loss differs. Prints two markdown tables: mask AP (with the
-filled-box baseline), and the cost of one training step with projection only vs with APro,
-timed interleaved on the same batch. Example::
+Every run goes to ``<out>/<set>/<model>-<mask_loss>-s<seed>/``: it is checkpointed, resumed
+when interrupted, and once evaluated leaves ``result.json`` (AP, AP50, AP75, seconds, the
+commit that produced it, the command, the date), so re-running the same command only does
+what is missing. The table is printed from every ``result.json`` found. Examples::
 
-    python benchmarks/box_instance.py --synthetic --steps 300
+    python benchmarks/box_instance.py --set pennfudan --variants projection apro --seeds 0 1
+    python benchmarks/box_instance.py --set pennfudan --table-only
+    python benchmarks/box_instance.py --set pennfudan --cost --cost-pairs 10
+    python benchmarks/box_instance.py --set pennfudan --grid docs/pennfudan_grid.png
+    python benchmarks/box_instance.py --synthetic --variants projection apro --seeds 0
 """
 from __future__ import annotations
 
 import argparse
-import glob
+import dataclasses
+import datetime
+import json
 import os
+import shlex
 import statistics
+import subprocess
 import sys
-import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from apro.data import CocoBoxDataset, collate_batch, make_synthetic_coco
-from apro.evaluation import evaluate_masks, filled_box_predictions
-from apro.engine import build_optimizer
-from apro.tasks.box import BoxConfig as TrainConfig, build_model, evaluate_model, train
-
-SHARED_DATA = "/work/shared/data"
-DEFAULT_VARIANTS = ("projection", "pairwise", "treefilter", "crf", "apro", "gp", "lp")
-# A small SOLOv2 for CPU budgets on small images: stride-4 mask features, two grid levels.
-SMALL_MODEL = dict(fpn_channels=32, head_channels=64, mask_channels=16, mask_branch_channels=32,
-                   mask_stride=4, grid_sizes=(12, 8), scale_ranges=((1, 32), (24, 4096)))
-
-
-def find_shared_coco(root: str = SHARED_DATA):
-    """(image_dir, train_ann, eval_ann) of a COCO-format set under ``root``, or None."""
-    for ann_dir in sorted(glob.glob(os.path.join(root, "**", "annotations"), recursive=True)):
-        train = sorted(glob.glob(os.path.join(ann_dir, "instances_train*.json")))
-        val = sorted(glob.glob(os.path.join(ann_dir, "instances_val*.json")))
-        if not (train and val):
-            continue
-        base = os.path.dirname(ann_dir)
-        stem = os.path.basename(train[0])[len("instances_"):-len(".json")]
-        for image_dir in (os.path.join(base, stem), os.path.join(base, "images", stem), os.path.join(base, "images")):
-            if os.path.isdir(image_dir):
-                return image_dir, train[0], val[0], base
-    return None
+REPO = Path(__file__).resolve().parent.parent
+SETS = ("pennfudan", "coco_person", "coco_mini20")
+MASK_LOSSES = ("projection", "pairwise", "treefilter", "treefilter-local", "crf", "gp", "lp", "apro",
+               "gp-lp-c", "lp-gp-c")
+MODELS = ("solov2",)  # any name of apro.tasks.box.MODELS, e.g. mask2former
+LABELS = {
+    "projection": "projection only (unary)", "pairwise": "+ pairwise (BoxInst)", "treefilter": "+ tree filter",
+    "treefilter-local": "+ tree filter + LP", "crf": "+ CRF (MAL)", "gp": "+ GP only", "lp": "+ LP only",
+    "apro": "+ APro GP-LP-P", "gp-lp-c": "+ GP-LP-C (cascade)", "lp-gp-c": "+ LP-GP-C (cascade)",
+}
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.1f}"
+# What a box run's result depends on (other helpers' uncommitted files elsewhere do not count).
+_TRAINED_BY = ("apro/modeling", "apro/losses", "apro/tasks/box.py", "apro/engine", "apro/data", "apro/evaluation",
+               "apro/propagation.py", "apro/tree.py", "apro/_kernels.py", "configs", "benchmarks/box_instance.py")
 
 
-def ap_table(args, image_dir, train_ann, eval_image_dir, eval_ann, size) -> list:
-    rows = []
+def default_data_root() -> str:
+    return os.environ.get("APRO_DATA") or str(REPO.parent / "shared" / "data")
+
+
+def git_commit() -> str:
+    """HEAD's short hash, with ``+dirty`` when a tracked file the box runs depend on differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *_TRAINED_BY],
+                               cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def load_recipe(path: Path, data_root: str) -> dict:
+    """The recipe's :class:`~apro.tasks.box.BoxConfig` values, data paths under ``data_root``."""
+    from apro.tasks.box import BoxConfig
+
+    return BoxConfig.from_json(path, data_root=data_root).to_dict()
+
+
+def synthetic_recipe(root: Path) -> dict:
+    """A synthetic set of textured shapes (``--synthetic``: no real data needed) and a small
+    recipe for it (64 x 64 images, 3 classes, 200 steps)."""
+    from apro.data import make_synthetic_coco
+
+    train = make_synthetic_coco(root / "train", 48, size=(64, 64), num_classes=3, seed=1)
+    val = make_synthetic_coco(root / "val", 24, size=(64, 64), num_classes=3, seed=2)
+    return dict(data=train.image_dir, ann=train.train_ann, eval_data=val.image_dir, eval_ann=val.eval_ann,
+                short_sides=[64], max_size=64, steps=200, batch_size=4, optimizer="adamw", lr=0.002,
+                weight_decay=0.05, schedule="cosine", warmup_steps=20, checkpoint_every=100, budget_minutes=5,
+                model_options=dict(mask_stride=4, fpn_channels=32, head_channels=64, mask_channels=16,
+                                   mask_branch_channels=32, grid_sizes=[12, 8], scale_ranges=[[1, 32], [24, 4096]]))
+
+
+def _config(values: dict, model: str, mask_loss: str, seed: int, out: Path, steps=None):
+    from apro.tasks.box import BoxConfig
+
+    v = dict(values, model=model, mask_loss=mask_loss, seed=seed, out=str(out))
+    if steps is not None:
+        v["steps"] = steps
+    return BoxConfig.from_dict(v, source="recipe").validate()
+
+
+def _test_short_side(config) -> int:
+    return int(getattr(config, "test_short_side", None) or max(config.short_sides))
+
+
+def run_one(values, model, mask_loss, seed, run_dir: Path, args) -> dict:
+    """Train (or resume) and evaluate one run; returns its result row (also written to disk)."""
+    from apro.engine.checkpoint import list_checkpoints
+    from apro.tasks.box import evaluate_model, train
+
+    done = run_dir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    config = _config(values, model, mask_loss, seed, run_dir, args.steps)
+    found = list_checkpoints(run_dir) if run_dir.exists() else []
+    seconds_before = 0.0
+    timing = run_dir / "train_seconds.json"
+    if timing.exists():
+        seconds_before = json.loads(timing.read_text()).get("seconds", 0.0)
+    start = time.perf_counter()
+    if not found or int(found[-1].stem.split("_")[-1]) < config.steps:
+        result = train(config, resume=found[-1] if found else None, progress=not args.quiet)
+        model_ = result.model
+    else:
+        from apro.tasks.box import load_trained_model
+
+        model_, _, _ = load_trained_model(found[-1])
+    seconds = seconds_before + time.perf_counter() - start
+    timing.write_text(json.dumps({"seconds": seconds}))
+    from apro.data import CocoBoxDataset
+
+    train_set = CocoBoxDataset(config.data, config.ann, train=True, check_files=False)
+    start = time.perf_counter()
+    scores = evaluate_model(model_, config.eval_data or config.data, config.eval_ann,
+                            short_side=_test_short_side(config), max_size=config.max_size,
+                            category_ids=train_set.category_ids, progress=False)
+    row = {
+        "model": model, "mask_loss": mask_loss, "seed": seed, "steps": config.steps,
+        "batch_size": config.batch_size, "AP": scores["AP"], "AP50": scores["AP50"], "AP75": scores["AP75"],
+        "train_seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - start, 1),
+        "test_short_side": _test_short_side(config), "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "threads": torch.get_num_threads(),
+    }
+    done.write_text(json.dumps(row, indent=1) + "\n")
+    return row
+
+
+def table(set_dir: Path, eval_ann: str, models, losses) -> str:
+    from apro.evaluation import evaluate_masks, filled_box_predictions
+
+    rows = [json.loads(p.read_text()) for p in sorted(set_dir.glob("*/result.json"))]
     box = evaluate_masks(filled_box_predictions(eval_ann), eval_ann)
-    rows.append(("filled GT boxes (reference)", "-", "-", box))
-    out_root = tempfile.mkdtemp(prefix="apro-bench-")
-    for variant in args.variants:
-        config = TrainConfig(
-            data=image_dir, ann=train_ann, out=os.path.join(out_root, variant), mask_loss=variant,
-            pretrained=not args.no_pretrained, model_options=dict(SMALL_MODEL) if args.small_model else {},
-            steps=args.steps, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-            weight_decay=args.weight_decay, warmup_steps=min(20, args.steps // 5),
-            short_sides=tuple(size), max_size=args.max_size, test_short_side=max(size), seed=args.seed,
-            checkpoint_every=args.steps,
-        )
-        start = time.perf_counter()
-        result = train(config, progress=not args.quiet)
-        seconds = time.perf_counter() - start
-        dataset = CocoBoxDataset(image_dir, train_ann, train=True)
-        scores = evaluate_model(result.model, eval_image_dir, eval_ann, short_side=max(size), max_size=args.max_size,
-                                category_ids=dataset.category_ids, progress=False)
-        rows.append((variant, str(args.steps), f"{seconds:.0f}", scores))
-        print(f"  {variant}: AP {scores['AP']:.1f} in {seconds:.0f} s", file=sys.stderr, flush=True)
-    return rows
+    lines = ["| model | mask loss | seeds | AP | AP50 | AP75 | train min / run | commit |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| - | filled GT boxes (reference) | - | {box['AP']:.1f} | {box['AP50']:.1f} | {box['AP75']:.1f} | - | - |"]
+    for model in models:
+        for loss in losses:
+            got = sorted((r for r in rows if r["model"] == model and r["mask_loss"] == loss), key=lambda r: r["seed"])
+            if not got:
+                continue
+
+            def cell(key):
+                vals = [r[key] for r in got]
+                if len(vals) == 1:
+                    return f"{vals[0]:.1f}"
+                return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+
+            seeds = ",".join(str(r["seed"]) for r in got)
+            minutes = statistics.mean(r["train_seconds"] for r in got) / 60
+            commits = ",".join(sorted({r["commit"] for r in got}))
+            lines.append(f"| {model} | {LABELS.get(loss, loss)} | {seeds} | {cell('AP')} | {cell('AP50')} | "
+                         f"{cell('AP75')} | {minutes:.0f} | {commits} |")
+    per_seed = ["", "Per run (AP / AP50 / AP75):", ""]
+    for r in sorted(rows, key=lambda r: (r["model"], MASK_LOSSES.index(r["mask_loss"]) if r["mask_loss"] in MASK_LOSSES else 99, r["seed"])):
+        per_seed.append(f"- {r['model']} {r['mask_loss']} seed {r['seed']}: {r['AP']:.1f} / {r['AP50']:.1f} / "
+                        f"{r['AP75']:.1f}, {r['steps']} steps x {r['batch_size']}, {r['train_seconds'] / 60:.0f} min, "
+                        f"{r['commit']}, {r['date']}")
+    return "\n".join(lines + per_seed)
 
 
-def _tiled_item(dataset, start: int, tiles: int) -> dict:
-    """``tiles x tiles`` dataset items side by side in one image (boxes shifted): a synthetic
-    image holds 1-3 objects, a tiled one several times more, closer to COCO's ~7 per image."""
-    items = [dataset[(start + k) % len(dataset)] for k in range(tiles * tiles)]
-    h, w = items[0]["image"].shape[-2:]
-    rows, boxes, labels = [], [], []
-    for r in range(tiles):
-        rows.append(torch.cat([items[r * tiles + c]["image"] for c in range(tiles)], dim=2))
-        for c in range(tiles):
-            item = items[r * tiles + c]
-            boxes.append(item["boxes"] + torch.tensor([c * w, r * h, c * w, r * h], dtype=torch.float32))
-            labels.append(item["labels"])
-    return {"image": torch.cat(rows, dim=1), "boxes": torch.cat(boxes), "labels": torch.cat(labels)}
+def step_cost(values, args) -> dict:
+    """Median seconds per optimizer step with projection only and with APro, the two models
+    stepping alternately (order swapped every pair) on the same real training batches at the
+    recipe's largest short side. Each batch is first stepped once untimed, so that a cached
+    frozen backbone is timed in its steady state, as in training after the first epochs."""
+    from apro.data import collate_batch
+    from apro.engine import build_optimizer
+    from apro.tasks.box import build_model, build_train_dataset
 
-
-def step_cost(args, image_dir, train_ann, size, mask_stride) -> dict:
-    """Median seconds of one optimizer step (forward, backward, update) per mask loss, the
-    variants timed round-robin on the same batch so load changes hit them alike."""
-    tile_side = size // args.cost_tiles
-    dataset = CocoBoxDataset(image_dir, train_ann, train=True, short_sides=(tile_side,), max_size=args.max_size,
-                             flip=False)
-    batch = collate_batch([_tiled_item(dataset, i * args.cost_tiles ** 2, args.cost_tiles)
-                           for i in range(args.cost_batch)])
+    model_name = args.models[0]
+    config = _config(values, model_name, "apro", 0, Path(args.out) / "_cost")
+    dataset = build_train_dataset(dataclasses.replace(config, short_sides=(max(config.short_sides),), flip=False))
+    batches = [collate_batch([dataset[(k * config.batch_size + i) % len(dataset)] for i in range(config.batch_size)])
+               for k in range(args.cost_batches)]
     models, optimizers = {}, {}
-    for variant in ("projection", "apro"):
+    for loss in ("projection", "apro"):
         torch.manual_seed(0)
-        config = TrainConfig(mask_loss=variant, pretrained=False, model_options={"mask_stride": mask_stride})
-        models[variant] = build_model(config, dataset.num_classes).train()
-        optimizers[variant] = build_optimizer(models[variant], config)
-    times = {v: [] for v in models}
-    positives = 0
-    for repeat in range(args.cost_repeats + 1):
-        for variant, model in models.items():
-            start = time.perf_counter()
-            losses = model(batch["images"], valid=batch["valid"], targets=batch["targets"])
-            optimizers[variant].zero_grad()
-            losses["loss"].backward()
-            optimizers[variant].step()
-            positives = int(losses["num_positives"])
-            if repeat:  # the first round warms up (numba compilation, allocator)
-                times[variant].append(time.perf_counter() - start)
-    mask_hw = tuple(s // mask_stride for s in batch["images"].shape[-2:])
-    return {v: statistics.median(t) for v, t in times.items()} | {
-        "mask": mask_hw, "image": tuple(batch["images"].shape[-2:]), "positives": positives}
+        c = dataclasses.replace(config, mask_loss=loss)
+        models[loss] = build_model(c, dataset.num_classes).train()
+        optimizers[loss] = build_optimizer(models[loss], c)
+
+    def step(loss, batch):
+        start = time.perf_counter()
+        losses = models[loss](batch["images"], valid=batch["valid"], targets=batch["targets"])
+        optimizers[loss].zero_grad()
+        losses["loss"].backward()
+        optimizers[loss].step()
+        return time.perf_counter() - start
+
+    for batch in batches:  # warm-up: numba compilation, allocator, feature cache
+        for loss in models:
+            step(loss, batch)
+    times = {k: [] for k in models}
+    ratios = []
+    for pair in range(args.cost_pairs):
+        batch = batches[pair % len(batches)]
+        order = ["projection", "apro"] if pair % 2 == 0 else ["apro", "projection"]
+        got = {loss: step(loss, batch) for loss in order}
+        for k, v in got.items():
+            times[k].append(v)
+        ratios.append(got["apro"] / got["projection"])
+    return {"projection": statistics.median(times["projection"]), "apro": statistics.median(times["apro"]),
+            "ratio": statistics.median(ratios), "pairs": args.cost_pairs, "model": model_name,
+            "image": tuple(batches[0]["images"].shape[-2:]), "batch": config.batch_size,
+            "mask_stride": config.model_options.get("mask_stride", 8)}
+
+
+def qualitative_grid(values, set_dir: Path, models, losses, path: Path, images: int, seed: int) -> Path:
+    """PNG: columns = the first ``images`` val images; first row the photo with its ground-truth
+    boxes, then one row per trained variant of ``seed`` (its detections scored >= 0.3, masks
+    tinted and outlined over the photo)."""
+    from PIL import Image, ImageDraw
+
+    from apro.data import CocoBoxDataset, collate_batch
+    from apro.engine.checkpoint import list_checkpoints
+    from apro.figures import overlay
+    from apro.tasks.box import load_trained_model
+
+    config = _config(values, "solov2", "apro", seed, set_dir / "_grid")
+    dataset = CocoBoxDataset(config.eval_data or config.data, config.eval_ann, train=False,
+                             short_sides=(_test_short_side(config),), max_size=config.max_size, flip=False)
+    items = [dataset[i] for i in range(min(images, len(dataset)))]
+    cell_h = 200
+    rows = []
+    names = []
+    photo = []
+    for item in items:
+        img = (item["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        photo.append(img)
+    boxes_row = []
+    for item, img in zip(items, photo):
+        canvas = img
+        for box in item["boxes"].tolist():
+            canvas = overlay(canvas, np.zeros(img.shape[:2], bool), box=box)
+        boxes_row.append(canvas)
+    rows.append(boxes_row)
+    names.append("photo + GT boxes (the supervision)")
+    for model in models:
+        for loss in losses:
+            run = set_dir / f"{model}-{loss}-s{seed}"
+            found = list_checkpoints(run) if run.exists() else []
+            if not found:
+                continue
+            net, _, _ = load_trained_model(found[-1])
+            row = []
+            with torch.no_grad():
+                for item, img in zip(items, photo):
+                    batch = collate_batch([item])
+                    out = net(batch["images"], valid=batch["valid"])[0]
+                    h, w = img.shape[:2]
+                    canvas = img
+                    keep = out["scores"] >= 0.3
+                    for m in out["masks"][keep]:
+                        canvas = overlay(canvas, m[:h, :w].numpy())
+                    row.append(canvas)
+            rows.append(row)
+            names.append(f"{model} {LABELS.get(loss, loss)}")
+    if len(rows) == 1:
+        raise SystemExit(f"no trained run of seed {seed} under {set_dir}: nothing to draw")
+    tiles = []
+    for row in rows:
+        resized = [Image.fromarray(t).resize((max(1, round(t.shape[1] * cell_h / t.shape[0])), cell_h)) for t in row]
+        tiles.append(resized)
+    widths = [t.width for t in tiles[0]]
+    label_w = 190
+    sheet = Image.new("RGB", (label_w + sum(widths) + 4 * len(widths), len(tiles) * (cell_h + 4)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (name, row) in enumerate(zip(names, tiles)):
+        y = r * (cell_h + 4)
+        draw.text((4, y + cell_h // 2 - 6), name, fill="black")
+        x = label_w
+        for t in row:
+            sheet.paste(t, (x, y))
+            x += t.width + 4
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="image folder of a COCO-format set")
-    p.add_argument("--ann", help="training JSON (boxes)")
-    p.add_argument("--eval-ann", help="evaluation JSON (masks); images in --eval-data or --data")
-    p.add_argument("--eval-data", help="image folder of the evaluation JSON (default --data)")
-    p.add_argument("--synthetic", action="store_true", help="use a synthetic set of textured shapes")
-    p.add_argument("--synthetic-images", type=int, default=48, help="synthetic training images")
-    p.add_argument("--synthetic-eval-images", type=int, default=24, help="synthetic evaluation images")
-    p.add_argument("--synthetic-size", type=int, default=64, help="synthetic image side (square)")
-    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per variant (the fixed budget)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
-    p.add_argument("--lr", type=float, default=0.002)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--short-sides", type=int, nargs="+", help="training short sides (default: data size)")
-    p.add_argument("--max-size", type=int, default=1333)
-    p.add_argument("--no-pretrained", action="store_true", help="random backbone instead of ImageNet weights")
-    p.add_argument("--full-model", dest="small_model", action="store_false",
-                   help="the default SOLOv2 widths instead of the small CPU model")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cost-size", type=int, default=512, help="image short side for the step-cost table")
-    p.add_argument("--cost-repeats", type=int, default=5)
-    p.add_argument("--cost-batch", type=int, default=2, help="batch size of the step-cost table")
-    p.add_argument("--cost-tiles", type=int, default=2,
-                   help="step-cost images are T x T tiles of dataset images (more objects per image)")
-    p.add_argument("--skip-ap", action="store_true", help="only the step-cost table")
-    p.add_argument("--skip-cost", action="store_true", help="only the mask AP table")
+    p.add_argument("--data-root", default=None, help="folder of the sets (default $APRO_DATA or ../shared/data)")
+    p.add_argument("--set", default="pennfudan", choices=SETS)
+    p.add_argument("--config", help="recipe JSON (default configs/<set>.json)")
+    p.add_argument("--synthetic", action="store_true", help="a synthetic set and small recipe instead of --set")
+    p.add_argument("--models", nargs="+", default=list(MODELS), help="model names of apro.tasks.box")
+    p.add_argument("--variants", nargs="+", default=list(MASK_LOSSES), help="mask losses")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--steps", type=int, help="override the recipe's steps (quick checks only)")
+    p.add_argument("--out", default=str(REPO / "runs" / "bench"), help="runs folder (resumable)")
+    p.add_argument("--table-only", action="store_true", help="print the table of finished runs")
+    p.add_argument("--cost", action="store_true", help="measure the APro / projection step cost and stop")
+    p.add_argument("--cost-pairs", type=int, default=10)
+    p.add_argument("--cost-batches", type=int, default=3, help="distinct batches the cost pairs cycle through")
+    p.add_argument("--grid", help="write the qualitative grid PNG here and stop")
+    p.add_argument("--grid-images", type=int, default=4)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
-    if args.data and args.ann and args.eval_ann:
-        image_dir, train_ann, eval_ann = args.data, args.ann, args.eval_ann
-        eval_image_dir = args.eval_data or args.data
-        source = f"{args.ann} (eval {args.eval_ann})"
-        size = args.short_sides or [640, 800]
+    data_root = args.data_root or default_data_root()
+    if args.synthetic:
+        args.set = "synthetic"
+        values = synthetic_recipe(Path(args.out) / "_synthetic_data")
+        recipe_name = "built-in synthetic recipe"
     else:
-        found = None if args.synthetic else find_shared_coco()
-        if found is not None:
-            image_dir, train_ann, eval_ann, base = found
-            eval_image_dir = image_dir.replace("train", "val") if os.path.isdir(image_dir.replace("train", "val")) else image_dir
-            source = base
-            size = args.short_sides or [640, 800]
-        else:
-            if not args.synthetic:
-                print(f"no COCO-format set (annotations/instances_train*.json + instances_val*.json) under "
-                      f"{SHARED_DATA}: falling back to --synthetic", file=sys.stderr)
-            root = tempfile.mkdtemp(prefix="apro-synthetic-")
-            s = args.synthetic_size
-            tr = make_synthetic_coco(os.path.join(root, "train"), args.synthetic_images, size=(s, s), num_classes=3, seed=1)
-            ev = make_synthetic_coco(os.path.join(root, "eval"), args.synthetic_eval_images, size=(s, s), num_classes=3, seed=2)
-            image_dir, train_ann, eval_image_dir, eval_ann = tr.image_dir, tr.train_ann, ev.image_dir, ev.eval_ann
-            source = (f"synthetic: {args.synthetic_images} train / {args.synthetic_eval_images} eval images of "
-                      f"{s}x{s}, 3 classes")
-            size = args.short_sides or [s]
+        recipe = Path(args.config) if args.config else REPO / "configs" / f"{args.set}.json"
+        try:
+            values = load_recipe(recipe, data_root)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        recipe_name = recipe.name
+        for key in ("ann", "eval_ann"):
+            if not os.path.isfile(values.get(key) or ""):
+                print(f"error: {key} {values.get(key)!r} of {recipe} not found (--data-root {data_root})",
+                      file=sys.stderr)
+                return 2
+    meta = values
+    set_dir = Path(args.out) / args.set
+    set_dir.mkdir(parents=True, exist_ok=True)
+    print(f"set {args.set}, recipe {recipe_name} (budget {meta.get('budget_minutes', '?')} min per run), "
+          f"torch threads {torch.get_num_threads()}", flush=True)
 
-    print(f"data: {source}")
-    print(f"torch threads: {torch.get_num_threads()}\n")
-    if not args.skip_ap:
-        rows = ap_table(args, image_dir, train_ann, eval_image_dir, eval_ann, size)
-        print(f"### Mask AP, {args.steps} steps x batch {args.batch_size} per variant, seed {args.seed}, "
-              f"{'random' if args.no_pretrained else 'ImageNet'} EfficientNet-Lite0"
-              f"{' (small heads)' if args.small_model else ''}\n")
-        print("| mask loss | steps | train s | AP | AP50 | AP75 |")
-        print("|---|---|---|---|---|---|")
-        for name, steps, seconds, s in rows:
-            print(f"| {name} | {steps} | {seconds} | {_fmt(s['AP'])} | {_fmt(s['AP50'])} | {_fmt(s['AP75'])} |")
-        print()
-
-    if args.skip_cost:
+    if args.cost:
+        c = step_cost(values, args)
+        print(f"| model | image | mask stride | batch | projection s/step | APro s/step | APro / projection "
+              f"(median of {c['pairs']} pairs) |")
+        print("|---|---|---|---|---|---|---|")
+        print(f"| {c['model']} | {c['image'][0]}x{c['image'][1]} | {c['mask_stride']} | {c['batch']} | "
+              f"{c['projection']:.3f} | {c['apro']:.3f} | {c['ratio']:.2f} |")
         return 0
-    print(f"### Training-step cost, batch {args.cost_batch}, default SOLOv2 (random weights), "
-          f"{args.cost_tiles}x{args.cost_tiles} tiled images, median of {args.cost_repeats}\n")
-    print("| image | mask stride | mask size | positive cells | projection s/step | APro s/step | APro / projection |")
-    print("|---|---|---|---|---|---|---|")
-    for stride in (8, 4):
-        c = step_cost(args, image_dir, train_ann, args.cost_size, stride)
-        print(f"| {c['image'][0]}x{c['image'][1]} | {stride}{' (default)' if stride == 8 else ''} | "
-              f"{c['mask'][0]}x{c['mask'][1]} | {c['positives']} | {c['projection']:.3f} | {c['apro']:.3f} | "
-              f"{c['apro'] / c['projection']:.2f} |", flush=True)
+    if args.grid:
+        path = qualitative_grid(values, set_dir, args.models, args.variants, Path(args.grid), args.grid_images,
+                                args.seeds[0])
+        print(f"wrote {path}")
+        return 0
+    if not args.table_only:
+        for seed in args.seeds:
+            for model in args.models:
+                for loss in args.variants:
+                    run_dir = set_dir / f"{model}-{loss}-s{seed}"
+                    row = run_one(values, model, loss, seed, run_dir, args)
+                    print(f"  {model} {loss} seed {seed}: AP {row['AP']:.1f} AP50 {row['AP50']:.1f} "
+                          f"AP75 {row['AP75']:.1f} ({row['train_seconds'] / 60:.1f} min train)", flush=True)
+    print()
+    print(table(set_dir, values["eval_ann"], args.models, args.variants))
     return 0
 
 
