@@ -50,9 +50,10 @@ def _config(args, out):
     from apro.tasks.box import BoxConfig
 
     images, train_ann, val_ann = _data(args)
-    recipe = {**RECIPE, **({"steps": args.steps} if args.steps else {})}
+    recipe = {**RECIPE, **{k: getattr(args, k) for k in ("steps", "lr") if getattr(args, k)}}
+    model = {**MODEL, **({"num_queries": args.queries} if args.queries else {})}
     return BoxConfig(model="mask2former", data=images, ann=train_ann, eval_ann=val_ann, out=str(out),
-                     mask_loss=args.mask_loss, seed=args.seed, model_options=dict(MODEL), **recipe)
+                     mask_loss=args.mask_loss, seed=args.seed, model_options=model, **recipe)
 
 
 def run_train(args) -> None:
@@ -147,6 +148,8 @@ def main(argv=None) -> None:
         p.add_argument("--mask-loss", default="apro")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--steps", type=int, default=None, help=f"default {RECIPE['steps']}")
+        p.add_argument("--lr", type=float, default=None, help=f"default {RECIPE['lr']}")
+        p.add_argument("--queries", type=int, default=None, help=f"default {MODEL['num_queries']}")
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--quiet", action="store_true")
         if name == "train":
