@@ -117,7 +117,7 @@ def test_split_writes_the_png_contract_and_scores(tmp_path):
         soft = np.load(tmp_path / "out" / f"{n}.npz")["probs"]
         assert soft.dtype == np.float16 and soft.shape[0] == 5
     scores = score_labels(str(tmp_path / "out"), str(tmp_path / "voc"), "train")
-    assert scores["per_class_iou"]["3"] > 0.9 and scores["per_class_iou"]["0"] > 0.9
+    assert scores["per_class_iou"]["3"] > 0.75 and scores["per_class_iou"]["0"] > 0.75
 
 
 def _tiny_clip_checkpoint(tmp_path):

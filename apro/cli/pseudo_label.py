@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
         q.add_argument("--working-size", type=int, default=d.working_size,
                        help=f"long side of the GP/LP grid (default {d.working_size})")
         q.add_argument("--zeta-gl", type=float, default=d.zeta_gl, help=f"GP stage 1 (default {d.zeta_gl})")
-        q.add_argument("--zeta-gh", type=float, default=d.zeta_gh, help=f"GP stage 2 (default {d.zeta_gh})")
+        q.add_argument("--zeta-gh", type=float, default=d.zeta_gh, help="GP stage 2 on the first result (default off; the released two-stage GP uses 0.07)")
         q.add_argument("--lp-iterations", type=int, default=d.lp_iterations, help=f"LP steps (default {d.lp_iterations})")
         q.add_argument("--ignore-below", type=float, default=d.ignore_below,
                        help="label 255 where the top soft probability is below this (default 0: none)")
@@ -63,8 +63,8 @@ def add_parser(subparsers) -> None:
 
     k = sub.add_parser("classifier", help="EfficientNet-Lite0 ImageNet classifier, densely (not CLIP)",
                        description="ImageNet classifier at every location, ImageNet classes summed per VOC class.")
-    k.add_argument("--background-weight", type=float, default=0.3,
-                   help="scale of the unmapped (background) mass (default 0.3, chosen on the train split)")
+    k.add_argument("--background-weight", type=float, default=0.5,
+                   help="scale of the unmapped (background) mass (default 0.5, chosen on the train split)")
     common(k)
     k.set_defaults(handler=_run)
 

@@ -53,7 +53,7 @@ class PseudoLabelSettings:
         input_size: long side the image is resized to before the unary (``None``: as is).
         working_size: long side of the grid GP and LP run on.
         zeta_gl, zeta_gh: GP's two stages (image edge weights, then the first result's);
-            ``zeta_gh=None`` runs the first stage only.
+            ``zeta_gh=None`` runs the first stage only, ``zeta_gl=None`` skips GP (LP alone).
         lp_kernel, lp_zeta, lp_iterations: LP window, bandwidth, steps (0 skips LP).
         ignore_below: pixels whose top soft probability is below this get label 255.
     """
@@ -61,8 +61,8 @@ class PseudoLabelSettings:
     refine: str = "apro"
     input_size: Optional[int] = 512
     working_size: int = 160
-    zeta_gl: float = 0.1
-    zeta_gh: Optional[float] = 0.07
+    zeta_gl: Optional[float] = 0.05
+    zeta_gh: Optional[float] = None
     lp_kernel: int = 5
     lp_zeta: float = 0.15
     lp_iterations: int = 20
@@ -76,7 +76,7 @@ class PseudoLabelSettings:
         if self.working_size < 8:
             raise ValueError(f"working_size must be >= 8, got {self.working_size}")
         for name in ("zeta_gl", "zeta_gh", "lp_zeta"):
-            if name == "zeta_gh" and self.zeta_gh is None:
+            if getattr(self, name) is None and name != "lp_zeta":
                 continue
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -124,10 +124,12 @@ def apro_refine(probs: torch.Tensor, image: torch.Tensor, settings: PseudoLabelS
     hw = _long_side(*image.shape[-2:], settings.working_size)
     guide = imagenet_normalize(_resize(image, hw)).contiguous()
     phi = _resize(probs, hw).clamp_min(0).contiguous()
-    tree = minimum_spanning_tree(guide)
-    y = global_propagation(phi, tree, settings.zeta_gl)
-    if settings.zeta_gh is not None:
-        y = global_propagation(y, tree, settings.zeta_gh, embedding=y.contiguous())
+    y = phi
+    if settings.zeta_gl is not None:
+        tree = minimum_spanning_tree(guide)
+        y = global_propagation(phi, tree, settings.zeta_gl)
+        if settings.zeta_gh is not None:
+            y = global_propagation(y, tree, settings.zeta_gh, embedding=y.contiguous())
     if settings.lp_iterations > 0:
         y = local_propagation(y.contiguous(), guide, settings.lp_kernel, settings.lp_zeta, settings.lp_iterations)
     return y / y.sum(1, keepdim=True).clamp_min(1e-12)
