@@ -50,6 +50,7 @@ def _two_overlapping(h, w):
     return {"masks": np.stack([a, b]), "labels": np.array([0, 1]), "scores": np.array([0.9, 0.6], np.float32)}
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' decode under NumPy 2
 def test_every_instance_is_kept_viewable_and_in_the_json(run_dir, tmp_path, monkeypatch, capsys):
     from pycocotools import mask as mask_utils
 

@@ -344,20 +344,44 @@ def test_two_process_ddp_on_cpu_keeps_replicas_identical(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Acceptance (issue 4): box-supervised training on a synthetic COCO set learns masks, and the
-# full APro loss beats the unary (projection-only) loss, as in the paper's Table 4.
+# Acceptance (issues 4 and 8): box-supervised training with the APro loss on a synthetic COCO set
+# learns masks tighter than the filled boxes.
+#
+# Which mask loss is best is NOT asserted here: a 160-step CPU training follows a different
+# trajectory on each CPU model, thread count and small code change (e.g. how the dynamic mask
+# kernels are multiplied), so no single run can carry "APro beats projection by X"; that claim
+# is measured on real data by benchmarks/box_instance.py (docs/instance.md). The assertions hold
+# with a margin in every run measured, 2026-12-01, on a 2-core AMD EPYC VM (AVX-512): this
+# test's settings with "seed" 0/1/2 and OMP_NUM_THREADS 1/2, both variants, with the code of
+# about commit b5563a0 ("new") and of commit bb33627's working tree ("old"), and in the records
+# of an earlier 2-core x86-64 VM (docs/development.md):
+#
+#   filled GT boxes on the held-out set: AP 30.2, AP50 59.2
+#   code thr seed | projection AP / AP50 | apro AP / AP50
+#   new  1   0    | 22.8 / 59.2          | 35.5 / 76.1
+#   new  1   1    | 20.5 / 58.6          | 46.1 / 79.1
+#   new  1   2    | 33.0 / 73.8          | 40.7 / 77.0
+#   new  2   0    | 24.0 / 64.2          | 45.1 / 82.9
+#   new  2   1    | 30.2 / 71.5          | 35.9 / 75.7
+#   new  2   2    | 40.8 / 77.0          | 44.6 / 78.8
+#   old  1   0/1/2| 30.7, 30.9, 35.6     | 35.2 / 71.5, 43.5 / 79.5, 45.2 / 76.2
+#   old  2   0/1/2| 29.5, 28.6, 31.2     | 36.2 / 74.1, 35.8 / 74.1, 40.6 / 81.9
+#   earlier VM, 1 thread, seed 0: projection 22.7, apro 43.6 / 78.2; 2 threads, seed 0 (three
+#   runs): projection 24.1 / 27.7 / 32.3, apro 31.1 / 39.4 / 35.1.
+#
+# Asserted: APro's AP50 exceeds the filled boxes' by more than 8 (smallest margin seen 12.3) and
+# its AP exceeds theirs (smallest margin 0.9, two threads on the earlier VM; >= 5.0 on one
+# thread, which the test uses). Projection alone is not trained here: its AP fell below the
+# filled boxes' in 6 of the 16 runs, so nothing robust can be asserted about it.
 
 SMALL_SOLOV2 = {"fpn_channels": 32, "head_channels": 64, "mask_channels": 16, "mask_branch_channels": 32,
                 "mask_stride": 4, "grid_sizes": [12, 8], "scale_ranges": [[1, 32], [24, 2048]]}
 
 
-def test_box_supervised_training_learns_masks_and_apro_beats_projection(tmp_path):
-    """Trains twice through `apro train box` (projection only, then APro), each run a separate
-    process with OMP_WAIT_POLICY=PASSIVE: on a shared, oversubscribed CPU, spinning OpenMP
-    threads (torch's and numba's) otherwise slow training several-fold. One thread: with two,
-    some torch CPU kernels sum in a thread-dependent order, and over 160 steps those last-digit
-    differences grew into several AP points between identical runs (projection 24-32 AP,
-    APro 31-39 AP in three runs); with one thread every run gives the same numbers."""
+def test_box_supervised_apro_training_learns_masks_beyond_the_filled_boxes(tmp_path):
+    """Trains through `apro train box --mask-loss apro` in a separate process with
+    OMP_WAIT_POLICY=PASSIVE (spinning OpenMP threads otherwise slow training on a shared CPU)
+    and one thread (repeatable on one CPU model); margins: see the table above."""
     from apro.data import make_synthetic_coco
     from apro.evaluation import evaluate_masks, filled_box_predictions
 
@@ -370,19 +394,50 @@ def test_box_supervised_training_learns_masks_and_apro_beats_projection(tmp_path
         "lr": 0.002, "weight_decay": 0.05, "warmup_steps": 20, "short_sides": [64], "max_size": 64,
         "test_short_side": 64, "seed": 0, "checkpoint_every": 1000}))
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
-    scores = {}
-    for variant in ("projection", "apro"):
-        out = tmp_path / variant
-        proc = subprocess.run(
-            [sys.executable, "-m", "apro", "train", "box", "--data", train_set.image_dir, "--ann", train_set.train_ann,
-             "--eval-data", held_out.image_dir, "--eval-ann", held_out.eval_ann, "--config", str(config),
-             "--mask-loss", variant, "--out", str(out), "--quiet"],
-            capture_output=True, text=True, timeout=600, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        scores[variant] = json.loads((out / "eval.json").read_text())
-    print({"filled_box": box, **scores})
-    assert scores["apro"]["AP"] > box["AP"] + 3, (scores, box)
-    assert scores["apro"]["AP"] > scores["projection"]["AP"] + 5, scores
+    out = tmp_path / "apro"
+    proc = subprocess.run(
+        [sys.executable, "-m", "apro", "train", "box", "--data", train_set.image_dir, "--ann", train_set.train_ann,
+         "--eval-data", held_out.image_dir, "--eval-ann", held_out.eval_ann, "--config", str(config),
+         "--mask-loss", "apro", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = json.loads((out / "eval.json").read_text())
+    assert scores["filled_boxes"]["AP"] == pytest.approx(box["AP"])  # printed beside the result
+    assert "filled boxes:  mask AP" in proc.stdout
+    print({"filled_box": box, "apro": scores})
+    assert scores["AP50"] > box["AP50"] + 8, (scores, box)
+    assert scores["AP"] > box["AP"], (scores, box)
+
+
+def _disc_scene(h=32, w=32):
+    """Bluish disc on a reddish background with mild noise; its tight box covers background corners."""
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    obj = (((yy - 15.5) ** 2 + (xx - 15.5) ** 2) <= 9.5**2)[None, None]
+    image = torch.where(obj, torch.tensor([0.1, 0.3, 0.8]).view(1, 3, 1, 1), torch.tensor([0.85, 0.25, 0.15]).view(1, 3, 1, 1))
+    image = (image + 0.02 * torch.randn(image.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    ys, xs = torch.nonzero(obj[0, 0], as_tuple=True)
+    box = torch.zeros(1, 1, h, w)
+    box[..., ys.min(): ys.max() + 1, xs.min(): xs.max() + 1] = 1
+    return image, box, obj
+
+
+@pytest.mark.parametrize("init", [0.0, 1.0])
+def test_apro_mask_loss_gradient_separates_object_from_box_background(init):
+    """Why APro can beat projection, on a fixed prediction (the filled box): projection's
+    gradient is the same at every in-box pixel, so it cannot tell object from background;
+    APro's descent raises the object's logits more than those of the box's background corners."""
+    from apro.losses import box_mask_loss
+
+    image, box, obj = _disc_scene()
+    corners = (box > 0) & ~obj
+    gaps = {}
+    for name in ("projection", "apro"):
+        logits = torch.where(box > 0, init, -4.0).requires_grad_(True)
+        box_mask_loss(name, logits, box, image).backward()
+        grad = logits.grad
+        gaps[name] = float(grad[corners].mean() - grad[obj].mean())  # > 0: descent favours the object
+    assert abs(gaps["projection"]) < 1e-7
+    assert gaps["apro"] > 1e-4, gaps
 
 
 DDP_DIVERGING_SCRIPT = """
