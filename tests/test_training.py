@@ -372,7 +372,7 @@ def test_two_process_ddp_on_cpu_keeps_replicas_identical(tmp_path):
 # Asserted: APro's AP50 exceeds the filled boxes' by more than 8 (smallest margin seen 12.3) and
 # its AP exceeds theirs (smallest margin 0.9, two threads on the earlier VM; >= 5.0 on one
 # thread, which the test uses). Projection alone is not trained here: its AP fell below the
-# filled boxes' in 6 of the 16 runs, so nothing robust can be asserted about it.
+# filled boxes' in 8 of the 16 runs, so nothing robust can be asserted about it.
 
 SMALL_SOLOV2 = {"fpn_channels": 32, "head_channels": 64, "mask_channels": 16, "mask_branch_channels": 32,
                 "mask_stride": 4, "grid_sizes": [12, 8], "scale_ranges": [[1, 32], [24, 2048]]}
