@@ -98,3 +98,12 @@ def test_apro_feature_gp_term():
     left = p[..., :6].mean((2, 3), keepdim=True).expand(-1, -1, 12, 6)
     right = p[..., 6:].mean((2, 3), keepdim=True).expand(-1, -1, 12, 6)
     assert torch.allclose(terms["feature"], masked_l1(p, torch.cat([left, right], -1), unl), atol=1e-5)
+
+
+def test_frozen_backbone_trains_the_decoder_only():
+    model = DeepLabV3Plus(21, pretrained=False, freeze_backbone=True).train()
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    model(torch.rand(2, 3, 64, 64))["logits"].logsumexp(1).mean().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.classifier.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())

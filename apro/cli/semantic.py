@@ -48,6 +48,8 @@ def add_train_parser(tasks) -> None:
     p.add_argument("--backbone-weights", dest="backbone_weights", metavar="PATH",
                    help="local backbone checkpoint (torchvision format for ResNet)")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random backbone init")
+    p.add_argument("--freeze-backbone", dest="freeze_backbone", action="store_true",
+                   help="train the decoder only (faster steps)")
     p.add_argument("--crop", type=int, metavar="PX", help="square training crop (default 192; TEL 512)")
     p.add_argument("--long-side", dest="long_side", type=int, metavar="PX",
                    help="resize images to this long side before augmenting (default 256)")

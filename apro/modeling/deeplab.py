@@ -59,10 +59,12 @@ class DeepLabV3Plus(nn.Module):
         backbone_weights: path of a local checkpoint (required for pretrained ResNets).
         channels: ASPP / decoder width.
         rates: ASPP dilation rates on the stride-32 map.
+        freeze_backbone: no gradient into the backbone (only the decoder trains; faster steps).
     """
 
     def __init__(self, num_classes: int = 21, backbone: str = "efficientnet_lite0", pretrained: bool = True,
-                 backbone_weights: Optional[str] = None, channels: int = 128, rates: Sequence[int] = (2, 4, 6)):
+                 backbone_weights: Optional[str] = None, channels: int = 128, rates: Sequence[int] = (2, 4, 6),
+                 freeze_backbone: bool = False):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
@@ -76,6 +78,10 @@ class DeepLabV3Plus(nn.Module):
         self.fuse = nn.Sequential(_conv(channels + 48, channels), _conv(channels, channels))
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         self.feature_channels = channels
+        self.freeze_backbone = bool(freeze_backbone)
+        if self.freeze_backbone:
+            for p in self.backbone.parameters():
+                p.requires_grad_(False)
 
     def forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``image``: ``(B, 3, H, W)`` RGB in [0, 1], ``H, W`` multiples of 32."""
@@ -84,7 +90,11 @@ class DeepLabV3Plus(nn.Module):
         if image.shape[2] % 32 or image.shape[3] % 32:
             raise ValueError(f"image height and width must be multiples of 32, got {tuple(image.shape[2:])}")
         x = (image - self.pixel_mean.to(image.dtype)) / self.pixel_std.to(image.dtype)
-        f4, _, _, f32 = self.backbone(x)
+        if self.freeze_backbone:
+            with torch.no_grad():
+                f4, _, _, f32 = self.backbone(x)
+        else:
+            f4, _, _, f32 = self.backbone(x)
         a = F.interpolate(self.aspp(f32), size=f4.shape[-2:], mode="bilinear", align_corners=False)
         feats = self.fuse(torch.cat([a, self.low(f4)], 1))
         return {"logits": self.classifier(feats), "features": feats}

@@ -64,6 +64,7 @@ class SemanticConfig(EngineConfig):
     backbone_weights: Optional[str] = None
     pretrained: bool = True
     decoder_channels: int = 128
+    freeze_backbone: bool = False
 
     crop: int = 192
     long_side: Optional[int] = 256
@@ -125,7 +126,8 @@ def build_model(config: SemanticConfig, num_classes: int) -> nn.Module:
     from ..modeling.deeplab import DeepLabV3Plus
 
     return DeepLabV3Plus(num_classes, backbone=config.backbone, pretrained=config.pretrained,
-                         backbone_weights=config.backbone_weights, channels=config.decoder_channels)
+                         backbone_weights=config.backbone_weights, channels=config.decoder_channels,
+                         freeze_backbone=config.freeze_backbone)
 
 
 def build_train_dataset(config: SemanticConfig):
