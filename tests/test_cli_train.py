@@ -286,3 +286,17 @@ def test_resume_with_more_steps_keeps_the_decayed_learning_rate(synthetic, tmp_p
     final = lrs[3]
     assert final == pytest.approx(0.01 * 0.01)  # decayed twice (milestones at 75% and 90% of 4 steps)
     assert lrs[4:] == pytest.approx([final, final])
+
+
+def test_extend_schedule_replaces_the_decay_points_on_the_new_steps(synthetic, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(synthetic, out, "--steps", "4", "--lr", "0.01")) == 0
+    assert main(["train", "box", "--resume", str(out), "--steps", "8", "--extend-schedule", "--quiet"]) == 0
+    lrs = [r["lr"] for r in read_log(out / "log.jsonl")]
+    assert len(lrs) == 8
+    assert lrs[3] == pytest.approx(1e-4)  # the first run ended decayed
+    # an 8-step schedule decays at steps 6 and 7 (75%, 90%): steps 5-6 run at the full lr again
+    assert lrs[4] == pytest.approx(0.01) and lrs[-1] == pytest.approx(1e-4)
+    capsys.readouterr()
+    assert main(train_args(synthetic, tmp_path / "new", "--extend-schedule")) == 2
+    assert "--extend-schedule needs --resume" in error_line(capsys)

@@ -8,7 +8,9 @@ frequency, workers, device, progress) may be given alongside it.
 Resuming with a larger ``--steps`` continues the step count with the schedule of the first
 run: its warm-up and decay points were placed on the first run's ``steps``, so the extra
 steps run at the final learning rate: 1% of ``--lr`` for the default step schedule, 0 (no
-learning) for the cosine one. To train longer on a full schedule, start a new run.
+learning) for the cosine one. ``--extend-schedule`` re-places the schedule on the new
+``--steps`` instead (decay points at their fractions of the new total, so the learning rate
+may rise again at the resumed step).
 
 Checks before the first step, each a one-line error (exit 2): the training extras installed,
 ``--model-option`` keys that SOLOv2 accepts, ResNet backbones given ``--backbone-weights`` (or
@@ -82,6 +84,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", metavar="DIR", help="run directory: checkpoints, log.csv, log.jsonl")
     p.add_argument("--resume", metavar="CKPT",
                    help="checkpoint file or run directory to continue (its settings and LR schedule are kept)")
+    p.add_argument("--extend-schedule", dest="extend_schedule", action="store_true",
+                   help="with --resume and a larger --steps: re-place the LR decay points on the new --steps "
+                        "(default: keep the first run's, so the extra steps run at its final, decayed LR)")
     p.add_argument("--seed", type=int)
     p.add_argument("--num-workers", dest="num_workers", type=int, help="data loading processes")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, metavar="N")
@@ -113,7 +118,8 @@ def build_config(args):
     from ..engine import CheckpointError, load_checkpoint
     from ..tasks.box import BoxConfig
 
-    given = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "task", "config", "resume", "quiet")}
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("handler", "command", "task", "config", "resume", "quiet", "extend_schedule")}
     if "model_options" in given:
         given["model_options"] = _model_options(given["model_options"])
     resume = getattr(args, "resume", None)
@@ -221,6 +227,9 @@ def run(args) -> int:
     from ..tasks.box import build_train_dataset, evaluate_model, train
 
     config, resume = build_config(args)
+    extend = bool(getattr(args, "extend_schedule", False))
+    if extend and resume is None:
+        raise CommandError("--extend-schedule needs --resume (it re-places a resumed run's LR schedule on --steps)")
     try:
         dataset = build_train_dataset(config)
     except (FileNotFoundError, ValueError, OSError) as err:
@@ -228,7 +237,8 @@ def run(args) -> int:
     check_model_options(config, dataset.num_classes)
     check_eval_set(config)
     try:
-        result = train(config, resume=resume, dataset=dataset, progress=not getattr(args, "quiet", False))
+        result = train(config, resume=resume, dataset=dataset, progress=not getattr(args, "quiet", False),
+                       extend_schedule=extend)
     except (CheckpointError, DataError, TrainingError, FileExistsError) as err:
         raise CommandError(str(err)) from None
     if result.checkpoint is None:  # not rank 0 under torchrun

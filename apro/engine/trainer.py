@@ -37,7 +37,7 @@ from .distributed import (
 )
 from .errors import DataError, TrainingError
 from .log import LOG_CSV, LOG_JSONL, LossLog
-from .optim import build_optimizer, build_scheduler
+from .optim import WarmupSchedule, build_optimizer, build_scheduler
 from .sampling import EpochSampler, SeededItems, item_seed
 from .task import Task
 
@@ -83,6 +83,7 @@ def train(
     progress: bool = True,
     stop_after: Optional[int] = None,
     hooks: Sequence[Hook] = (),
+    extend_schedule: bool = False,
 ) -> TrainResult:
     """Train ``task`` for ``config.steps`` optimizer steps and return a :class:`TrainResult`.
 
@@ -93,6 +94,9 @@ def train(
     ``hook(step, model) -> dict | None`` run on rank 0 after every checkpoint (e.g. an
     evaluation); the dicts they return are appended to ``OUT/evaluations.jsonl``.
     ``stop_after``: end after that step as if interrupted (tests).
+    ``extend_schedule``: with ``resume``, re-place the LR schedule on ``config.steps`` (decay
+    points at their fractions of the new total) instead of keeping the checkpoint's, whose
+    decay points sit on the first run's steps (so extra steps would run at its final LR).
 
     A new run that fails before its first step removes the files it created (and the output
     directory, if it created it and left it empty), so it leaves no debris behind; one that
@@ -103,10 +107,21 @@ def train(
     device_kind = "cuda" if (config.device == "auto" and torch.cuda.is_available()) or config.device.startswith("cuda") else "cpu"
     ddp = init_distributed(device_kind)
     try:
-        return _train(config, task, out, ddp, resume, model, dataset, collate_fn, progress, stop_after, hooks)
+        return _train(config, task, out, ddp, resume, model, dataset, collate_fn, progress, stop_after, hooks,
+                      extend_schedule)
     finally:
         if ddp.owns_group:
             dist.destroy_process_group()
+
+
+def _reschedule(optimizer, scheduler, config) -> None:
+    """Give a resumed ``LambdaLR`` the :class:`WarmupSchedule` of ``config`` (its ``steps``) and
+    set every group's LR to that schedule's value at the scheduler's current step."""
+    scheduler.lr_lambdas = [WarmupSchedule(config) for _ in optimizer.param_groups]
+    step = scheduler.last_epoch
+    for group, base, schedule in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * schedule(step)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _remove_debris(out: Path, created_dir: bool) -> None:
@@ -120,7 +135,8 @@ def _remove_debris(out: Path, created_dir: bool) -> None:
             pass  # not empty: something else lives there
 
 
-def _train(config, task, out, ddp: DistContext, resume, model, dataset, collate_fn, progress, stop_after, hooks):
+def _train(config, task, out, ddp: DistContext, resume, model, dataset, collate_fn, progress, stop_after, hooks,
+           extend_schedule=False):
     device = resolve_device(config, ddp.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -160,6 +176,8 @@ def _train(config, task, out, ddp: DistContext, resume, model, dataset, collate_
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if extend_schedule:  # the restored schedule object carries the first run's steps: rebuild it
+            _reschedule(optimizer, scheduler, config)
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         step, history = int(state["step"]), list(state.get("history", []))
