@@ -30,8 +30,9 @@ class EngineConfig:
     images, momentum 0.9, weight decay 1e-4, 500 warm-up steps from 1% of the lr, decay by
     10x at 75% and 90% of training, gradient norm clipped at 35), shortened for CPU use.
     ``batch_size`` is per process: under ``torchrun`` the global batch is
-    ``batch_size * world_size``. ``milestones`` are fractions of ``steps``, so a run resumed
-    with a larger ``steps`` moves its decay points with it.
+    ``batch_size * world_size``. ``milestones`` are fractions of ``steps``; a resumed run keeps
+    the schedule of its checkpoint (decay points on the first run's ``steps``) unless
+    :func:`apro.engine.train` is given ``extend_schedule=True``.
     """
 
     out: str = "runs/train"
