@@ -4,13 +4,23 @@ A per-image prediction is fitted by Adam under the same losses the networks are 
 (SPEC §4-5): box supervision uses the projection loss plus the chosen method's pairwise term,
 points/scribbles use partial cross-entropy plus the chosen method's term on unlabeled pixels
 (two classes, background = 0, object = 1). What the paper calls the unary term ``phi`` is here
-the fitted prediction itself, so the affinity term is the only thing that spreads the labels.
+the fitted prediction itself, so the masks always come from fitting a prediction to the GP/LP
+pseudo labels.
 
-The prediction is free per-pixel logits at a reduced working resolution (``model="logits"``,
-default) or a tiny dilated CNN over RGB + coordinates (``model="cnn"``). Measured with
-``benchmarks/pseudo_labels.py`` on 6 synthetic scenes (64-pixel grid, 100 steps): APro box
-IoU 85.6 % at 6.8 s per image with free logits vs 27.0 % at 39.2 s with the CNN, so free
-logits are the default.
+The prediction (``RefineSettings.model``):
+
+- ``"features"`` (default): a linear head (:class:`apro.frozen_features.LinearHead`) over
+  frozen EfficientNet-Lite0 ImageNet features and the colour, so the unary already follows
+  the image as a trained network's does. Boxes add one known label: pixels of the fitted
+  crop outside the box are background. Points/scribbles add quadratic coordinate channels
+  (a smooth spatial prior), GP with ``zeta_g = 0.1`` (0.01 is almost the identity at the
+  normalised image's scale) and keep only the mask's connected parts that hold an object label.
+- ``"logits"``: free per-pixel logits (the previous default, no image prior).
+- ``"cnn"``: a tiny dilated CNN over RGB + coordinates fitted from scratch.
+
+The working grid is coarse (``size``); the probability is upsampled bilinearly and then
+``final_lp`` LP steps at full resolution (paper Eq. 5, the image as guide) move its edges onto
+the image's. Measured on GrabCut-50 in ``docs/refine.md``.
 """
 from __future__ import annotations
 
@@ -55,7 +65,11 @@ SPARSE_METHODS = {
     "treeenergy": "treeenergy",
     "pce": "pce",
 }
-MODELS = ("cnn", "logits")
+MODELS = ("features", "logits", "cnn")
+# Adam learning rate of each model when RefineSettings.lr is None
+DEFAULT_LR = {"features": 0.05, "logits": 0.1, "cnn": 0.01}
+# GP first-stage zeta of the features head for points/scribbles (RefineSettings.zeta_g None)
+FEATURE_SPARSE_ZETA_G = 0.1
 
 
 @dataclass(frozen=True)
@@ -63,28 +77,60 @@ class RefineSettings:
     """How the per-image prediction is fitted.
 
     steps: Adam steps. size: longer side of the working grid in pixels. lr: Adam learning
-    rate (0.1 suits free logits, ~0.01 the CNN). model: ``"logits"`` (free per-pixel logits)
-    or ``"cnn"`` (tiny dilated CNN on RGB + coordinates). margin: for boxes, context kept around the box on each side as a
-    fraction of the box's size (the crop, not the whole image, is fitted). seed: torch seed
-    for the CNN's initial weights.
+    rate (None: the model's default, :data:`DEFAULT_LR`). model: ``"features"`` (linear head
+    over frozen EfficientNet-Lite0 features), ``"logits"`` (free per-pixel logits) or ``"cnn"``
+    (tiny dilated CNN on RGB + coordinates). margin, margin_pixels: for boxes, context kept
+    around the box on each side, ``margin * box size + margin_pixels`` (the crop, not the whole
+    image, is fitted). seed: torch seed of the CNN's initial weights. feature_size: longer
+    side the image (or box crop) is resized to before the frozen network sees it.
+    coordinates: weight of the quadratic coordinate channels of the features head for
+    points/scribbles (0: none). zeta_g: GP's first-stage zeta for points/scribbles (None:
+    0.1 with the features head, the registered loss's 0.01 otherwise). final_lp: LP steps at
+    full resolution on the upsampled probability (0: plain bilinear upsampling). connected:
+    points/scribbles only: keep the mask's 4-connected parts that hold an object label.
+    device: where the prediction is fitted (``"cpu"``, ``"cuda"``, ...).
     """
 
-    steps: int = 150
+    steps: int = 60
     size: int = 96
-    lr: float = 0.1
-    model: str = "logits"
-    margin: float = 0.25
+    lr: Optional[float] = None
+    model: str = "features"
+    margin: float = 0.15
+    margin_pixels: int = 8
     seed: int = 0
+    feature_size: int = 640
+    coordinates: float = 3.0
+    zeta_g: Optional[float] = None
+    final_lp: int = 10
+    connected: bool = True
+    device: str = "cpu"
 
     def checked(self) -> "RefineSettings":
         check_count(self.steps, "steps", 1)
         check_count(self.size, "size", 8)
-        check_positive(self.lr, "lr")
+        if self.lr is not None:
+            check_positive(self.lr, "lr")
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if not (0 <= float(self.margin) <= 10):
             raise ValueError(f"margin must be in [0, 10], got {self.margin!r}")
+        check_count(self.margin_pixels, "margin_pixels", 0)
+        check_count(self.feature_size, "feature_size", 32)
+        if not (0 <= float(self.coordinates) < float("inf")):
+            raise ValueError(f"coordinates must be a finite number >= 0, got {self.coordinates!r}")
+        if self.zeta_g is not None:
+            check_positive(self.zeta_g, "zeta_g")
+        check_count(self.final_lp, "final_lp", 0)
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {self.device!r}") from None
         return self
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the model's default when ``lr`` is None."""
+        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.model]
 
 
 class _TinyNet(nn.Module):
@@ -105,8 +151,8 @@ class _TinyNet(nn.Module):
 
 def _network_input(image: torch.Tensor) -> torch.Tensor:
     b, _, h, w = image.shape
-    ys = torch.linspace(-1, 1, h, dtype=image.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
-    xs = torch.linspace(-1, 1, w, dtype=image.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+    ys = torch.linspace(-1, 1, h, dtype=image.dtype, device=image.device).view(1, 1, h, 1).expand(b, 1, h, w)
+    xs = torch.linspace(-1, 1, w, dtype=image.dtype, device=image.device).view(1, 1, 1, w).expand(b, 1, h, w)
     return torch.cat([imagenet_normalize(image), xs, ys], 1)
 
 
@@ -121,45 +167,67 @@ def _resize(image: torch.Tensor, hw: tuple) -> torch.Tensor:
     return F.interpolate(image, size=hw, mode="bilinear", align_corners=False, antialias=True)
 
 
-def _fit(
-    image: torch.Tensor,
-    out_channels: int,
-    loss_fn,
-    settings: RefineSettings,
-    init_logits: Optional[torch.Tensor],
-    progress: bool,
-    desc: str,
-) -> torch.Tensor:
-    """Adam on the chosen parametrisation; returns the final logits ``(1, K, h, w)``."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(settings.seed)
-    try:
-        if settings.model == "cnn":
-            net = _TinyNet(out_channels)
-            x = _network_input(image)
-            params = list(net.parameters())
+def _predictor(settings: RefineSettings, small: torch.Tensor, out_channels: int, init_logits: Optional[torch.Tensor],
+               features: Optional[torch.Tensor]):
+    """``(parameters, predict)`` of the chosen model; ``predict()`` -> ``(1, K, h, w)`` logits.
 
-            def predict():
-                return net(x)
+    ``small``: ``(1, 3, h, w)`` working-grid image; ``features``: ``(1, D, h, w)`` input of the
+    features head (required for ``model="features"``)."""
+    if settings.model == "cnn":
+        net = _TinyNet(out_channels).to(small.device)
+        x = _network_input(small)
+        return list(net.parameters()), lambda: net(x)
+    if settings.model == "features":
+        head = _frozen().LinearHead(features.shape[1], out_channels).to(small.device)
+        return list(head.parameters()), lambda: head(features)
+    logits = init_logits.clone() if init_logits is not None else small.new_zeros(1, out_channels, *small.shape[-2:])
+    logits.requires_grad_(True)
+    return [logits], lambda: logits
 
-        else:
-            logits = (init_logits.clone() if init_logits is not None else image.new_zeros(1, out_channels, *image.shape[-2:]))
-            logits.requires_grad_(True)
-            params = [logits]
 
-            def predict():
-                return logits
+def _fit(params, predict, loss_fn, settings: RefineSettings, progress: bool, desc: str) -> torch.Tensor:
+    """Adam on ``params``; returns the final logits ``predict()`` detached."""
+    opt = torch.optim.Adam(params, lr=settings.learning_rate)
+    for _ in tqdm(range(settings.steps), desc=desc, disable=not progress, leave=False, unit="step"):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(predict())
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return predict().detach()
 
-        opt = torch.optim.Adam(params, lr=settings.lr)
-        for _ in tqdm(range(settings.steps), desc=desc, disable=not progress, leave=False, unit="step"):
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(predict())
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            return predict().detach()
-    finally:
-        torch.random.set_rng_state(gen_state)
+
+def _seeded(fn):
+    """Run ``fn()`` under ``torch.manual_seed(seed)`` without touching the caller's RNG state."""
+    def run(seed, *args):
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            return fn(*args)
+        finally:
+            torch.random.set_rng_state(state)
+    return run
+
+
+def _frozen():
+    from . import frozen_features
+
+    return frozen_features
+
+
+def _full_resolution(prob: torch.Tensor, image: torch.Tensor, settings: RefineSettings,
+                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Working-grid probability ``(1, C, h, w)`` -> the image's ``(1, C, H, W)``: bilinear, then
+    ``settings.final_lp`` LP steps guided by the full-resolution ``image`` ``(1, 3, H, W)``
+    (ImageNet-normalised, 5x5, ``zeta_s = 0.15``; kept inside ``mask`` when given)."""
+    from .propagation import local_propagation
+
+    prob = F.interpolate(prob, size=image.shape[-2:], mode="bilinear", align_corners=False)
+    if mask is not None:
+        prob = prob * mask
+    if settings.final_lp > 0:
+        prob = local_propagation(prob, imagenet_normalize(image.to(prob.device)), 5, 0.15, settings.final_lp, mask=mask)
+    return prob
 
 
 def _check_image(image: torch.Tensor) -> torch.Tensor:
@@ -169,6 +237,13 @@ def _check_image(image: torch.Tensor) -> torch.Tensor:
     if float(image.min()) < 0 or float(image.max()) > 1:
         raise ValueError("image must hold RGB values in [0, 1]; divide uint8 images by 255")
     return image.detach().to("cpu", torch.float32)
+
+
+def _device(settings: RefineSettings) -> torch.device:
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {settings.device!r} was asked for but torch sees no CUDA device; use device='cpu'")
+    return device
 
 
 def check_box(box: Sequence[float], height: int, width: int) -> tuple:
@@ -251,10 +326,12 @@ def refine_box(
     loss_name = BOX_METHODS[method]
     if loss_name is None:
         return full_box
+    device = _device(settings)
 
     # fit on a crop around the box with some context: background just outside the box is
-    # what the affinity terms pull the box's background pixels towards
-    mx, my = settings.margin * (x1 - x0), settings.margin * (y1 - y0)
+    # what the affinity terms (and the features head's known-background term) learn from
+    mx = settings.margin * (x1 - x0) + settings.margin_pixels
+    my = settings.margin * (y1 - y0) + settings.margin_pixels
     cx0, cy0 = int(max(0, x0 - mx)), int(max(0, y0 - my))
     cx1, cy1 = int(min(w, -(-(x1 + mx) // 1))), int(min(h, -(-(y1 + my) // 1)))
     crop = img[None, :, cy0:cy1, cx0:cx1]
@@ -265,18 +342,29 @@ def refine_box(
 
     losses = _losses()
     tree = _tree_for(losses, loss_name, small)
+    small, small_box = small.to(device), small_box.to(device)
+    outside = 1 - small_box
+    known_background = settings.model == "features" and bool(outside.any())
 
     def loss_fn(logits):
-        if loss is not None:
-            return loss(logits, small_box, small, tree)
-        return losses.box_mask_loss(loss_name, logits, small_box, small, tree=tree)
+        value = (loss(logits, small_box, small, tree) if loss is not None
+                 else losses.box_mask_loss(loss_name, logits, small_box, small, tree=tree))
+        if known_background:  # crop pixels outside the box are background: BCE towards 0
+            value = value + (F.softplus(logits) * outside).sum() / outside.sum()
+        return value
 
+    features = None
+    if settings.model == "features":
+        features = torch.cat([_frozen().image_features(crop.to(device), hw, settings.feature_size),
+                              imagenet_normalize(small)], 1)
     init = (small_box * 2 - 1) if settings.model == "logits" else None
-    logits = _fit(small, 1, loss_fn, settings, init, progress, f"refine ({method}, box)")
-    prob = torch.sigmoid(logits)
-    prob = F.interpolate(prob, size=(cy1 - cy0, cx1 - cx0), mode="bilinear", align_corners=False)[0, 0]
+    fit = _seeded(lambda: _fit(*_predictor(settings, small, 1, init, features), loss_fn, settings, progress,
+                               f"refine ({method}, box)"))
+    logits = fit(settings.seed)
+    crop_box = full_box[None, None, cy0:cy1, cx0:cx1].to(device)
+    prob = _full_resolution(torch.sigmoid(logits), crop.to(device), settings, mask=crop_box)[0, 0]
     out = torch.zeros(h, w)
-    out[cy0:cy1, cx0:cx1] = prob
+    out[cy0:cy1, cx0:cx1] = prob.float().cpu()
     return out * full_box
 
 
@@ -326,6 +414,7 @@ def refine_sparse(
         labels: ``(H, W)`` int, 0 = background, 1 = object, 255 = unlabeled.
         method: a key of :data:`SPARSE_METHODS` (``"apro"`` = partial CE + GP-LP-P term).
         settings: :class:`RefineSettings` (``margin`` unused: the whole image is fitted).
+            With ``connected`` (default) mask parts holding no object label are dropped.
         progress: tqdm bar over the Adam steps.
         loss: optional ``loss(logits, labels, image, tree) -> scalar`` replacing the method's
             registered loss; ``method`` still picks the tree guide.
@@ -346,20 +435,51 @@ def refine_sparse(
             f"method {method!r} has no sparse-label loss; choose one of "
             f"{', '.join(k for k, v in SPARSE_METHODS.items() if v in losses.SPARSE_LOSSES)}"
         )
+    device = _device(settings)
     hw = _working_size(h, w, settings.size)
     small = _resize(img[None], hw).clamp(0, 1)
     small_labels = _downsample_labels(labels, hw)[None]
     tree = _tree_for(losses, loss_name, small)
-    registered = losses.SPARSE_LOSSES[loss_name]
+    small, small_labels = small.to(device), small_labels.to(device)
+    zeta_g = settings.zeta_g if settings.zeta_g is not None else (
+        FEATURE_SPARSE_ZETA_G if settings.model == "features" else None)
+    apro_variant = {"apro": "gp-lp-p", "gp": "gp", "lp": "lp", "gp-lp-c": "gp-lp-c", "lp-gp-c": "lp-gp-c"}.get(loss_name)
 
     def loss_fn(logits):
         if loss is not None:
             return loss(logits, small_labels, small, tree)
-        return registered(logits, small_labels, small, tree=tree)
+        if apro_variant is not None and zeta_g is not None:
+            return losses.partial_cross_entropy(logits, small_labels) + losses.apro_sparse_loss(
+                logits, small_labels, small, variant=apro_variant, zeta_g=zeta_g, tree=tree)
+        return losses.SPARSE_LOSSES[loss_name](logits, small_labels, small, tree=tree)
 
-    logits = _fit(small, 2, loss_fn, settings, None, progress, f"refine ({method}, labels)")
-    prob = torch.softmax(F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False), 1)
-    return prob[0, 1]
+    features = None
+    if settings.model == "features":
+        frozen = _frozen()
+        parts = [frozen.image_features(img[None].to(device), hw, settings.feature_size), imagenet_normalize(small)]
+        if settings.coordinates > 0:
+            parts.append(settings.coordinates * frozen.quadratic_coordinates(hw, small))
+        features = torch.cat(parts, 1)
+    fit = _seeded(lambda: _fit(*_predictor(settings, small, 2, None, features), loss_fn, settings, progress,
+                               f"refine ({method}, labels)"))
+    logits = fit(settings.seed)
+    prob = _full_resolution(torch.softmax(logits, 1)[:, 1:], img[None].to(device), settings)[0, 0].float().cpu()
+    if settings.connected:
+        prob = _keep_labelled_parts(prob, labels)
+    return prob
+
+
+def _keep_labelled_parts(prob: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``prob`` ``(H, W)`` with every 4-connected part of ``prob >= 0.5`` that holds no object
+    label (1) set to 0 (such parts are far from every object click or stroke)."""
+    import numpy as np
+    from scipy import ndimage
+
+    mask = (prob >= 0.5).numpy()
+    parts, _ = ndimage.label(mask)
+    keep = np.unique(parts[mask & (labels == 1).numpy()])
+    drop = ~np.isin(parts, keep[keep > 0]) & mask
+    return prob.masked_fill(torch.from_numpy(drop), 0.0)
 
 
 class BoxRefiner(nn.Module):

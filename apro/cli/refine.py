@@ -8,6 +8,10 @@ optionally wrapped as ``{"points": [...]}``.
 Scribbles (``--scribbles``): a PNG the size of the image holding label indices (a palette or
 greyscale PNG): 0 = unlabeled, ``--object-index`` (default 1) = object, ``--background-index``
 (default 2) = background.
+
+Overlay (``--overlay``): the mask tinted blue with a yellow outline, the box green, object
+scribbles/points red and background ones cyan; points are filled disks with a white ring.
+Line widths grow with the image (about 1/250 of its longer side, at least 2 pixels).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ POINT_LABELS = {
 
 
 def add_parser(subparsers) -> None:
-    from ..refine import BOX_METHODS, RefineSettings
+    from ..refine import BOX_METHODS, DEFAULT_LR, MODELS, RefineSettings
 
     d = RefineSettings()
     p = subparsers.add_parser(
@@ -51,9 +55,13 @@ def add_parser(subparsers) -> None:
                         f"lp-gp-c, treefilter, pce (default apro)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"Adam steps (default {d.steps})")
     p.add_argument("--size", type=int, default=d.size, help=f"longer side of the working grid (default {d.size})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
-    p.add_argument("--model", default=d.model, help="per-image predictor: cnn or logits (default cnn)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the predictor's initial weights")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help="Adam learning rate (default: " + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument("--model", default=d.model, choices=MODELS,
+                   help=f"per-image predictor: features (linear head over frozen EfficientNet-Lite0 features), "
+                        f"logits (free per-pixel logits) or cnn (default {d.model})")
+    p.add_argument("--device", default=d.device, help=f"torch device the prediction is fitted on, e.g. cuda (default {d.device})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the predictor's initial weights (cnn)")
     p.add_argument("--object-index", type=int, default=1, help="scribble PNG index of the object (default 1)")
     p.add_argument("--background-index", type=int, default=2, help="scribble PNG index of the background (default 2)")
     p.add_argument("--point-radius", type=int, default=2, help="points are painted as disks of this radius (default 2)")
@@ -63,16 +71,17 @@ def add_parser(subparsers) -> None:
 
 # ---------------------------------------------------------------------------------- inputs
 def load_image(path: str) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB from an image file, or CommandError saying what is wrong."""
-    from PIL import Image, UnidentifiedImageError
+    """``(H, W, 3)`` uint8 RGB as a viewer shows it (EXIF orientation applied, 16-bit scaled;
+    :func:`apro.data.images.read_rgb`), or CommandError saying what is wrong."""
+    from ..data.images import read_rgb
 
-    if not os.path.isfile(path):
-        raise CommandError(f"image file '{path}' does not exist; check the path")
     try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise CommandError(f"cannot read '{path}' as an image ({err.__class__.__name__}); give a PNG or JPEG file") from None
+        return read_rgb(path)
+    except FileNotFoundError:
+        raise CommandError(f"image file '{path}' does not exist; check the path") from None
+    except OSError as err:  # UnreadableImageError and other read failures
+        message = str(err).splitlines()[0] if str(err) else err.__class__.__name__
+        raise CommandError(f"cannot read '{path}' as an image: {message}") from None
 
 
 def image_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -87,8 +96,8 @@ def _parse_label(value, where: str) -> int:
     return POINT_LABELS[key]
 
 
-def load_points(path: str, height: int, width: int, radius: int = 2) -> np.ndarray:
-    """Sparse label map ``(H, W)`` uint8 (1 object, 0 background, 255 unlabeled) from a points file."""
+def read_points(path: str) -> list:
+    """``[(x, y, label), ...]`` (label 1 object / 0 background) from a points file."""
     if not os.path.isfile(path):
         raise CommandError(f"points file '{path}' does not exist; check the path")
     text = Path(path).read_text(encoding="utf-8", errors="replace")
@@ -125,6 +134,12 @@ def load_points(path: str, height: int, width: int, radius: int = 2) -> np.ndarr
                 raise CommandError(f"{where}: x and y must be numbers, got {line!r}") from None
     if not points:
         raise CommandError(f"points file '{path}' holds no points; add lines 'x y label'")
+    return points
+
+
+def load_points(path: str, height: int, width: int, radius: int = 2) -> np.ndarray:
+    """Sparse label map ``(H, W)`` uint8 (1 object, 0 background, 255 unlabeled) from a points file."""
+    points = read_points(path)
     labels = np.full((height, width), 255, np.uint8)
     yy, xx = np.mgrid[0:height, 0:width]
     for x, y, lab in points:
@@ -183,12 +198,20 @@ def _require_both_classes(labels: np.ndarray, what: str) -> None:
 
 
 # --------------------------------------------------------------------------------- outputs
-def check_output_path(path: str, what: str = "output") -> None:
+def check_output_path(path: str, what: str = "output", inputs=()) -> None:
+    """Refuse an output path in a missing folder, a folder, a name not ending in ``.png`` (the
+    file holds PNG bytes) or one of the ``inputs`` (it would be overwritten)."""
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise CommandError(f"{what} folder '{parent}' does not exist; create it or choose another path")
     if os.path.isdir(path):
         raise CommandError(f"{what} path '{path}' is a folder; give a file name ending in .png")
+    if not path.lower().endswith(".png"):
+        raise CommandError(f"{what} path '{path}' must end in .png (the file is written as PNG)")
+    for source in inputs:
+        if source and (os.path.abspath(source) == os.path.abspath(path)
+                       or (os.path.exists(path) and os.path.exists(source) and os.path.samefile(source, path))):
+            raise CommandError(f"{what} path '{path}' is the input file '{source}'; choose another name")
 
 
 def write_pngs(outputs: dict) -> None:
@@ -208,16 +231,65 @@ def settings_from_args(args):
         raise CommandError(f"--steps must be >= 1, got {args.steps}")
     if args.size < 8:
         raise CommandError(f"--size must be >= 8 pixels, got {args.size}")
-    if not args.lr > 0:
+    if args.lr is not None and not args.lr > 0:
         raise CommandError(f"--lr must be > 0, got {args.lr}")
     if args.model not in MODELS:
         raise CommandError(f"unknown --model {args.model!r}; choose one of {', '.join(MODELS)}")
-    return RefineSettings(steps=args.steps, size=args.size, lr=args.lr, model=args.model, seed=args.seed)
+    device = getattr(args, "device", "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CommandError(f"unknown --device {device!r}; give cpu or cuda (or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+    return RefineSettings(steps=args.steps, size=args.size, lr=args.lr, model=args.model, seed=args.seed,
+                          device=device)
+
+
+# ------------------------------------------------------------------------------------ overlay
+def line_width(height: int, width: int) -> int:
+    """Overlay line width in pixels for an image: about 1/250 of its longer side, at least 2."""
+    return max(2, round(max(height, width) / 250))
+
+
+def draw_overlay(rgb: np.ndarray, mask: np.ndarray, box=None, labels=None, points=()) -> np.ndarray:
+    """The ``--overlay`` picture ``(H, W, 3)`` uint8: mask tinted with an outline, box, scribbles,
+    points (filled disks with a white ring), all drawn :func:`line_width` thick."""
+    from scipy import ndimage
+
+    from ..figures import BACKGROUND_LABEL_COLOUR, BOX_COLOUR, CONTOUR_COLOUR, OBJECT_LABEL_COLOUR, overlay
+
+    h, w = mask.shape
+    lw = line_width(h, w)
+    out = overlay(rgb, mask)
+    if mask.any():
+        out[mask & ~ndimage.binary_erosion(mask, iterations=max(1, lw // 2), border_value=1)] = CONTOUR_COLOUR
+    colours = {1: OBJECT_LABEL_COLOUR, 0: BACKGROUND_LABEL_COLOUR}
+    if labels is not None and not points:
+        for value, colour in colours.items():
+            marked = labels == value
+            if lw > 2 and marked.any():
+                marked = ndimage.binary_dilation(marked, iterations=lw // 2 - 1)
+            out[marked] = colour
+    yy, xx = np.mgrid[0:h, 0:w]
+    radius = 2 * lw + 1
+    for x, y, value in points:
+        d2 = (xx - x) ** 2 + (yy - y) ** 2
+        out[d2 <= (radius + max(1, lw // 2)) ** 2] = (255, 255, 255)
+        out[d2 <= radius**2] = colours[value]
+    if box is not None:
+        x0, y0 = int(np.clip(round(box[0]), 0, w - 1)), int(np.clip(round(box[1]), 0, h - 1))
+        x1, y1 = int(np.clip(round(box[2]), 1, w)), int(np.clip(round(box[3]), 1, h))
+        t = min(lw, max(1, (x1 - x0) // 2), max(1, (y1 - y0) // 2))
+        out[y0 : y0 + t, x0:x1] = BOX_COLOUR
+        out[y1 - t : y1, x0:x1] = BOX_COLOUR
+        out[y0:y1, x0 : x0 + t] = BOX_COLOUR
+        out[y0:y1, x1 - t : x1] = BOX_COLOUR
+    return out
 
 
 # ------------------------------------------------------------------------------------- run
 def run(args) -> int:
-    from ..figures import overlay
     from ..refine import BOX_METHODS, SPARSE_METHODS, check_box, refine_box, refine_sparse
 
     settings = settings_from_args(args)
@@ -226,16 +298,21 @@ def run(args) -> int:
     if args.method not in methods:
         kind = "points/scribbles" if sparse else "boxes"
         raise CommandError(f"unknown --method {args.method!r} for {kind}; choose one of {', '.join(methods)}")
-    check_output_path(args.output)
+    inputs = (args.image, args.points, args.scribbles)
+    check_output_path(args.output, inputs=inputs)
     if args.overlay:
-        check_output_path(args.overlay, "overlay")
+        check_output_path(args.overlay, "overlay", inputs=inputs)
+        if os.path.abspath(args.overlay) == os.path.abspath(args.output):
+            raise CommandError(f"--overlay and -o are the same file '{args.output}'; give two names")
     rgb = load_image(args.image)
     h, w = rgb.shape[:2]
     image = image_tensor(rgb)
     labels = box = None
+    points = ()
     start = time.perf_counter()
     if sparse:
         if args.points:
+            points = read_points(args.points)
             labels = load_points(args.points, h, w, args.point_radius)
         else:
             labels = load_scribbles(args.scribbles, h, w, args.object_index, args.background_index)
@@ -253,11 +330,11 @@ def run(args) -> int:
     mask = (prob >= 0.5).numpy()
     outputs = {args.output: (mask * 255).astype(np.uint8)}
     if args.overlay:
-        outputs[args.overlay] = overlay(rgb, mask, box=box, labels=labels)
+        outputs[args.overlay] = draw_overlay(rgb, mask, box=box, labels=labels, points=points)
     write_pngs(outputs)
     seconds = time.perf_counter() - start
     print(
-        f"wrote {args.output} ({mask.mean() * 100:.1f}% object, method {args.method}, "
+        f"wrote {args.output} ({mask.mean() * 100:.1f}% object, method {args.method}, model {settings.model}, "
         f"{settings.steps} steps, {seconds:.1f} s)" + (f" and overlay {args.overlay}" if args.overlay else "")
     )
     return 0
