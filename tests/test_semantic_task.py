@@ -79,7 +79,7 @@ class TinySegmenter(nn.Module):
 
 def tiny_config(data, out, **kw):
     values = dict(data=str(data), out=str(out), labels="scribbles", loss="apro", crop=32, long_side=48,
-                  scale=(0.75, 1.25), batch_size=2, steps=6, lr=0.05, warmup_steps=2, checkpoint_every=3,
+                  scale=(0.75, 1.25), batch_size=2, steps=6, optimizer="sgd", lr=0.05, warmup_steps=2, checkpoint_every=3,
                   lp_iterations=3, device="cpu")
     values.update(kw)
     return SemanticConfig(**values).validate()

@@ -49,7 +49,9 @@ def add_train_parser(tasks) -> None:
                    help="local backbone checkpoint (torchvision format for ResNet)")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random backbone init")
     p.add_argument("--freeze-backbone", dest="freeze_backbone", action="store_true",
-                   help="train the decoder only (faster steps)")
+                   help="train the decoder only (the default CPU recipe)")
+    p.add_argument("--train-backbone", dest="freeze_backbone", action="store_false",
+                   help="fine-tune the backbone too (paper scale)")
     p.add_argument("--crop", type=int, metavar="PX", help="square training crop (default 192; TEL 512)")
     p.add_argument("--long-side", dest="long_side", type=int, metavar="PX",
                    help="resize images to this long side before augmenting (default 256)")
