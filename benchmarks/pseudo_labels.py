@@ -3,14 +3,16 @@
 For boxes and for each scribble set: mean IoU and seconds per image of every method, printed
 as a markdown table. IoU ignores ground-truth pixels of value 128 (GrabCut's uncertain band).
 
-Data layout read under ``--data-root`` (default /work/shared/data); every folder name is
-configurable and the script says what it found or misses::
+Data layout read under ``--data-root`` (default: env ``APRO_DATA``, else ``../shared/data``
+relative to the repository root); every folder name is configurable and the script says what
+it found or misses::
 
     DATA_ROOT/<grabcut set>/           first folder whose name contains "grabcut" (--grabcut)
         images/NAME.{jpg,png,bmp}      also accepted: img/, data/
         masks/NAME.png                 0 background, 255 object, 128 uncertain (not scored)
                                        also accepted: gt/, GT/, ground_truth/, labels/
         boxes/NAME.txt (optional)      "x0 y0 x1 y1"; else the tight box of the mask's 255s
+        boxes-published/NAME.txt       optional loose boxes (a "loose boxes" column for those)
     DATA_ROOT/<scribble set>/          folders whose name contains "scribble" (--scribble-sets)
         NAME.png (or any subfolder)    palette PNG: 0 unlabeled, --object-index object,
                                        --background-index background; matched by NAME
@@ -23,7 +25,13 @@ without the real data.
 Examples::
 
     python benchmarks/pseudo_labels.py --synthetic 16
-    python benchmarks/pseudo_labels.py --data-root /work/shared/data
+    python benchmarks/pseudo_labels.py --data-root ../shared/data --figure docs/refine_compare.png
+
+Real data: every method runs on every image in one run; the tables are printed for the
+held-out images (odd positions in the sorted names; the even ones were used for tuning) and
+for all images. ``METHOD@PRESET`` runs a method with other refine settings (see PRESETS):
+``@logits`` is the previous default (free logits, 150 steps, lr 0.1, margin 0.25, bilinear
+upsampling).
 """
 from __future__ import annotations
 
@@ -38,12 +46,18 @@ import torch
 from tqdm.auto import tqdm
 
 from apro import classical
+from apro.data.images import read_rgb
 from apro.refine import RefineSettings, box_mask, mask_iou, refine_box, refine_sparse
 
-BOX_ROWS = ["box", "projection", "pairwise", "treefilter", "crf", "gp", "lp", "apro", "gp-lp-c", "lp-gp-c",
-            "grabcut", "densecrf"]
-SPARSE_ROWS = ["pce", "pairwise", "treefilter", "crf", "gp", "lp", "apro", "gp-lp-c", "lp-gp-c",
-               "random_walker", "densecrf"]
+BOX_ROWS = ["box", "lp@logits", "apro@logits", "lp", "apro", "grabcut", "densecrf"]
+SPARSE_ROWS = ["lp@logits", "apro@logits", "lp", "apro", "densecrf"]
+# METHOD@PRESET: refine settings other than the defaults
+PRESETS = {
+    "logits": dict(model="logits", steps=150, lr=0.1, margin=0.25, margin_pixels=0, final_lp=0, connected=False),
+    "nofinal": dict(final_lp=0),
+    "noconnect": dict(connected=False),
+}
+REPO = Path(__file__).resolve().parent.parent
 ROW_NAMES = {
     "box": "box alone (filled box)",
     "pce": "labels alone (partial CE)",
@@ -52,10 +66,12 @@ ROW_NAMES = {
     "treefilter": "tree filter (TEL)",
     "crf": "CRF loss (MAL)",
     "gp": "GP only",
-    "lp": "LP only",
-    "apro": "**APro GP+LP (P)**",
+    "lp": "LP only (features head)",
+    "apro": "**APro GP+LP (P), default `apro refine`**",
     "gp-lp-c": "APro GP-LP-C",
     "lp-gp-c": "APro LP-GP-C",
+    "lp@logits": "LP only (free logits, previous default)",
+    "apro@logits": "APro GP+LP (free logits, previous default)",
     "grabcut": "OpenCV grabCut",
     "random_walker": "skimage random_walker",
     "densecrf": "DenseCRF (pydensecrf2)",
@@ -215,6 +231,7 @@ def load_real_sets(data_root: Path, grabcut: str | None, scribble_sets, object_i
         raise SystemExit(f"{gdir} needs an images/ and a masks/ folder (found: {sorted(p.name for p in gdir.iterdir())})")
     images, masks = _index_by_stem(img_dir), _index_by_stem(mask_dir)
     box_dir = _find_dir(gdir, ("boxes", "bboxes", "box"))
+    loose_dir = _find_dir(gdir, ("boxes-published",))
     names = sorted(set(images) & set(masks))
     if not names:
         raise SystemExit(f"no image in {img_dir} has a mask of the same name in {mask_dir}")
@@ -227,7 +244,7 @@ def load_real_sets(data_root: Path, grabcut: str | None, scribble_sets, object_i
           + (", ".join(f"{k} ({len(v)} files)" for k, v in sindex.items()) or "none found"), file=sys.stderr)
     items = []
     for name in names:
-        image = np.array(Image.open(images[name]).convert("RGB"))
+        image = read_rgb(images[name])
         gt = np.array(Image.open(masks[name]).convert("L"))
         if gt.shape != image.shape[:2]:
             raise SystemExit(f"mask {masks[name]} is {gt.shape} but image is {image.shape[:2]}")
@@ -237,6 +254,9 @@ def load_real_sets(data_root: Path, grabcut: str | None, scribble_sets, object_i
         if box is None:
             ys, xs = np.nonzero(gt == 255)
             box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        loose = None
+        if loose_dir is not None and (loose_dir / f"{name}.txt").is_file():
+            loose = tuple(float(v) for v in (loose_dir / f"{name}.txt").read_text().split()[:4])
         scr = {}
         for set_name, files in sindex.items():
             if name in files:
@@ -245,7 +265,7 @@ def load_real_sets(data_root: Path, grabcut: str | None, scribble_sets, object_i
                 s[idx == object_index] = 1
                 s[idx == background_index] = 2
                 scr[set_name] = s
-        items.append({"name": name, "image": image, "gt": gt, "box": box, "scribbles": scr})
+        items.append({"name": name, "image": image, "gt": gt, "box": box, "loose": loose, "scribbles": scr})
     return items, list(sindex)
 
 
@@ -276,57 +296,95 @@ def _tuned_apro(method: str, task: str):
     return base, loss
 
 
-def run_box(method: str, item: dict, settings: RefineSettings) -> np.ndarray:
-    image = item["image"]
+def _settings(method: str, settings: RefineSettings):
+    """``"apro@logits"`` -> ("apro", settings with the preset applied)."""
+    import dataclasses
+
+    base, _, preset = method.partition("@")
+    if not preset:
+        return base, settings
+    if preset not in PRESETS:
+        raise SystemExit(f"unknown preset @{preset}; choose one of {', '.join(PRESETS)}")
+    return base, dataclasses.replace(settings, **PRESETS[preset])
+
+
+def run_box(method: str, item: dict, settings: RefineSettings, box_key: str = "box") -> np.ndarray:
+    image, box = item["image"], item[box_key]
+    method, settings = _settings(method, settings)
+    tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255
     if ":" in method:
         base, loss = _tuned_apro(method, "box")
-        tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255
-        return (refine_box(tensor, item["box"], base, settings, loss=loss) >= 0.5).numpy()
+        return (refine_box(tensor, box, base, settings, loss=loss) >= 0.5).numpy()
     if method == "grabcut":
-        return classical.grabcut(image, item["box"])
+        return classical.grabcut(image, box)
     if method == "densecrf":
-        return classical.dense_crf_box(image, item["box"])
-    tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255
-    return (refine_box(tensor, item["box"], method, settings) >= 0.5).numpy()
+        return classical.dense_crf_box(image, box)
+    return (refine_box(tensor, box, method, settings) >= 0.5).numpy()
 
 
 def run_sparse(method: str, item: dict, set_name: str, settings: RefineSettings) -> np.ndarray:
     image, labels = item["image"], _to_labels(item["scribbles"][set_name])
+    method, settings = _settings(method, settings)
     if method == "random_walker":
         return classical.random_walker(image, labels)
     if method == "densecrf":
         return classical.dense_crf_labels(image, labels)
-    if ":" in method:
-        base, loss = _tuned_apro(method, "sparse")
-        tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255
-        lab = torch.from_numpy(labels.astype(np.int64))
-        return (refine_sparse(tensor, lab, base, settings, loss=loss) >= 0.5).numpy()
     tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255
     lab = torch.from_numpy(labels.astype(np.int64))
+    if ":" in method:
+        base, loss = _tuned_apro(method, "sparse")
+        return (refine_sparse(tensor, lab, base, settings, loss=loss) >= 0.5).numpy()
     return (refine_sparse(tensor, lab, method, settings) >= 0.5).numpy()
 
 
-def evaluate(items, task: str, methods, settings: RefineSettings, set_name=None) -> dict:
-    """``{method: (mean IoU, seconds per image, images scored)}``."""
+def evaluate(items, task: str, methods, settings: RefineSettings, set_name=None, box_key="box", keep=()) -> dict:
+    """``{method: {image name: (IoU, seconds)}}`` over the items that have the labels; the
+    predictions of the images named in ``keep`` are stored under ``(method, name)`` in
+    ``evaluate.kept``."""
     results = {}
+    column = set_name or ("loose boxes" if box_key == "loose" else "boxes")
     for method in methods:
-        ious, seconds = [], 0.0
-        for item in tqdm(items, desc=f"{set_name or 'boxes'}: {method}", leave=False):
+        scores = {}
+        for item in tqdm(items, desc=f"{column}: {method}", leave=False):
             if task == "sparse" and set_name not in item["scribbles"]:
+                continue
+            if task == "box" and item.get(box_key) is None:
                 continue
             start = time.perf_counter()
             try:
-                pred = run_box(method, item, settings) if task == "box" else run_sparse(method, item, set_name, settings)
+                pred = (run_box(method, item, settings, box_key) if task == "box"
+                        else run_sparse(method, item, set_name, settings))
             except (ImportError, ValueError) as err:
                 print(f"# {method} skipped on {item['name']}: {err}", file=sys.stderr)
                 continue
-            seconds += time.perf_counter() - start
+            seconds = time.perf_counter() - start
             gt = item["gt"]
-            ious.append(mask_iou(torch.from_numpy(pred), torch.from_numpy(gt == 255), torch.from_numpy(gt != 128)))
-        results[method] = (float(np.mean(ious)) if ious else float("nan"), seconds / max(1, len(ious)), len(ious))
-        print(f"# {set_name or 'boxes'} {method}: IoU {results[method][0] * 100:.1f}, "
-              f"{results[method][1]:.2f} s/img, {len(ious)} images", file=sys.stderr, flush=True)
+            iou = mask_iou(torch.from_numpy(pred), torch.from_numpy(gt == 255), torch.from_numpy(gt != 128))
+            scores[item["name"]] = (iou, seconds)
+            if item["name"] in keep:
+                evaluate.kept[(column, method, item["name"])] = pred
+        results[method] = scores
+        if scores:
+            ious, secs = zip(*scores.values())
+            print(f"# {column} {method}: IoU {np.mean(ious) * 100:.1f}, {np.mean(secs):.2f} s/img, "
+                  f"{len(scores)} images", file=sys.stderr, flush=True)
     return results
+
+
+evaluate.kept = {}
+
+
+def summarise(columns: dict, names=None) -> dict:
+    """``{column: {method: {name: (iou, s)}}}`` -> ``{column: {method: (mean IoU, mean s, n)}}``
+    over the images in ``names`` (all if None)."""
+    out = {}
+    for col, methods in columns.items():
+        out[col] = {}
+        for m, scores in methods.items():
+            vals = [v for k, v in scores.items() if names is None or k in names]
+            out[col][m] = ((float(np.mean([v[0] for v in vals])), float(np.mean([v[1] for v in vals])), len(vals))
+                           if vals else (float("nan"), 0.0, 0))
+    return out
 
 
 def markdown_table(columns: dict, rows) -> str:
@@ -342,14 +400,59 @@ def markdown_table(columns: dict, rows) -> str:
             else:
                 cells += ["-", "-"]
         name = ROW_NAMES.get(m, m) if ":" not in m else f"{ROW_NAMES.get(m.split(':')[0], m)} ({m.split(':')[1]})"
+        if m not in ROW_NAMES and "@" in m:
+            name = f"{ROW_NAMES.get(m.split('@')[0], m.split('@')[0])} (@{m.split('@')[1]})"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _default_data_root() -> str:
+    return os.environ.get("APRO_DATA") or str(REPO.parent / "shared" / "data")
+
+
+def held_out_names(names) -> set:
+    """The held-out images: odd positions of the sorted names (the even ones tuned refine)."""
+    return set(sorted(names)[1::2])
+
+
+FIGURE_NAMES = ("banana1", "person7", "271008", "sheep")
+
+
+def compare_figure(items, kept: dict, path: str, methods=("apro", "grabcut", "densecrf"), width: int = 240) -> None:
+    """One PNG: a row per image (tight boxes), a column per method, overlays side by side."""
+    from PIL import Image, ImageDraw
+
+    from apro.cli.refine import draw_overlay
+
+    rows = []
+    for item in items:
+        if not all(("boxes", m, item["name"]) in kept for m in methods):
+            continue
+        tiles = []
+        for m in methods:
+            tile = draw_overlay(item["image"], kept[("boxes", m, item["name"])], box=item["box"])
+            h, w = tile.shape[:2]
+            tiles.append(np.array(Image.fromarray(tile).resize((width, round(h * width / w)), Image.BILINEAR)))
+        height = max(t.shape[0] for t in tiles)
+        rows.append(np.concatenate([np.pad(t, ((0, height - t.shape[0]), (0, 4), (0, 0)), constant_values=255)
+                                    for t in tiles], 1))
+    if not rows:
+        print(f"# figure {path}: none of {FIGURE_NAMES} was scored; not written", file=sys.stderr)
+        return
+    header = np.full((22, rows[0].shape[1], 3), 255, np.uint8)
+    img = Image.fromarray(np.concatenate([header, *rows], 0))
+    draw = ImageDraw.Draw(img)
+    for k, m in enumerate(methods):
+        draw.text((k * (width + 4) + 6, 5), ROW_NAMES.get(m, m).replace("*", "").split(",")[0], fill=(0, 0, 0))
+    img.save(path, optimize=True)
+    print(f"# wrote {path}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
     d = RefineSettings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default="/work/shared/data", help="folder holding the real sets")
+    p.add_argument("--data-root", default=_default_data_root(),
+                   help="folder holding the real sets (default: $APRO_DATA, else ../shared/data from the repository)")
     p.add_argument("--grabcut", default=None, help="GrabCut set folder (name under --data-root or absolute)")
     p.add_argument("--scribble-sets", nargs="*", default=None, help="scribble set folders (default: '*scribble*')")
     p.add_argument("--object-index", type=int, default=1, help="scribble PNG index of the object (default 1)")
@@ -358,14 +461,16 @@ def main(argv=None) -> int:
     p.add_argument("--synthetic-size", type=int, nargs=2, default=(192, 256), metavar=("H", "W"))
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic scenes")
     p.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
-    p.add_argument("--tasks", nargs="+", default=["box", "sparse"], choices=["box", "sparse"])
+    p.add_argument("--tasks", nargs="+", default=["box", "loose", "sparse"], choices=["box", "loose", "sparse"])
     p.add_argument("--box-methods", nargs="+", default=BOX_ROWS)
     p.add_argument("--sparse-methods", nargs="+", default=SPARSE_ROWS)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--size", type=int, default=d.size)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--model", default=d.model, choices=["cnn", "logits"])
+    p.add_argument("--model", default=d.model, choices=["features", "cnn", "logits"])
     p.add_argument("--margin", type=float, default=d.margin)
+    p.add_argument("--figure", default=None, metavar="PNG",
+                   help=f"write overlays (apro, grabCut, DenseCRF; tight boxes) of {', '.join(FIGURE_NAMES)} here")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: per-image grids are small, threads only add overhead)")
     args = p.parse_args(argv)
@@ -377,23 +482,38 @@ def main(argv=None) -> int:
     else:
         items, set_names = load_real_sets(Path(args.data_root), args.grabcut, args.scribble_sets,
                                           args.object_index, args.background_index)
-        source = str(args.data_root)
+        source = os.path.relpath(args.data_root, REPO) if os.path.isabs(args.data_root) else str(args.data_root)
     if args.limit:
         items = items[: args.limit]
     settings = RefineSettings(steps=args.steps, size=args.size, lr=args.lr, model=args.model, margin=args.margin)
     torch.manual_seed(0)
+    keep = FIGURE_NAMES if args.figure else ()
     columns = {}
     if "box" in args.tasks:
-        columns["boxes"] = evaluate(items, "box", args.box_methods, settings)
+        columns["boxes"] = evaluate(items, "box", args.box_methods, settings, keep=keep)
+    if "loose" in args.tasks and any(it.get("loose") is not None for it in items):
+        columns["loose boxes"] = evaluate(items, "box", args.box_methods, settings, box_key="loose")
     if "sparse" in args.tasks:
         for s in set_names:
             columns[s] = evaluate(items, "sparse", args.sparse_methods, settings, s)
-    rows = list(dict.fromkeys([*(args.box_methods if "box" in args.tasks else []),
+    rows = list(dict.fromkeys([*(args.box_methods if {"box", "loose"} & set(args.tasks) else []),
                                *(args.sparse_methods if "sparse" in args.tasks else [])]))
-    print(f"Data: {source}, {len(items)} images. Settings: model={settings.model} steps={settings.steps} "
-          f"size={settings.size} lr={settings.lr} margin={settings.margin}; --threads {args.threads} "
-          f"(refine fits run numba, and with it torch's OpenMP, on 1 thread).\n")
-    print(markdown_table(columns, rows))
+    print(f"Data: {source}, {len(items)} images. Defaults: model={settings.model} steps={settings.steps} "
+          f"size={settings.size} lr={settings.learning_rate} margin={settings.margin}+{settings.margin_pixels}px "
+          f"feature_size={settings.feature_size} final_lp={settings.final_lp}; --threads {args.threads}.\n")
+    names = [it["name"] for it in items]
+    if args.synthetic > 0:
+        print(markdown_table(summarise(columns), rows))
+    else:
+        held = held_out_names(names)
+        print(f"Held-out images ({len(held)}: {' '.join(sorted(held))}); loose boxes: the held-out ones among "
+              "the 9 published.\n")
+        print(markdown_table(summarise(columns, held), rows))
+        print(f"\nAll {len(names)} images (the other {len(names) - len(held)} tuned the defaults); "
+              "loose boxes: all 9 published.\n")
+        print(markdown_table(summarise(columns), rows))
+    if args.figure:
+        compare_figure([it for it in items if it["name"] in FIGURE_NAMES], evaluate.kept, args.figure)
     return 0
 
 

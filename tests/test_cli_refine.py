@@ -111,3 +111,87 @@ def test_affinity_command(scene, capsys):
     assert Image.open(fig).format == "PNG"
     fig.unlink()
     assert "outside" in _error(capsys, ["affinity", scene["image"], "--pixel", "50", "10", "-o", str(fig)], d)
+
+
+# ------------------------------------------------------------------ issue 8: help, outputs, reading, overlays
+def test_help_states_the_real_defaults(capsys):
+    from apro.refine import RefineSettings
+
+    with pytest.raises(SystemExit):
+        main(["refine", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"(default {RefineSettings().model})" in out and "default cnn" not in out
+    assert "features" in out and "--device" in out
+
+
+def test_output_must_be_png_and_not_the_input(scene, capsys):
+    d, image = scene["dir"], scene["image"]
+    box = ["--box", "12", "8", "38", "32", *FAST]
+    for name in ("mask.jpg", "mask.txt"):
+        assert ".png" in _error(capsys, ["refine", image, *box, "-o", str(d / name)], d)
+        assert not (d / name).exists()
+    assert ".png" in _error(capsys, ["refine", image, *box, "-o", str(d / "mask.png"), "--overlay", str(d / "over.jpeg")], d)
+    before = (d / "image.png").read_bytes()
+    assert "input" in _error(capsys, ["refine", image, *box, "-o", image], d)
+    assert "input" in _error(capsys, ["refine", image, "--scribbles", scene["scribbles"], *FAST,
+                                      "-o", str(d / "mask.png"), "--overlay", scene["scribbles"]], d)
+    assert (d / "image.png").read_bytes() == before
+    assert "same file" in _error(capsys, ["refine", image, *box, "-o", str(d / "mask.png"),
+                                          "--overlay", str(d / "mask.png")], d)
+
+
+def test_image_is_read_with_exif_orientation_and_16_bit_scaling(scene, tmp_path):
+    d = scene["dir"]
+    rgb = np.array(Image.open(scene["image"]))
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 50 wide x 40 high, shown rotated by 90 degrees: 40 wide x 50 high
+    Image.fromarray(rgb).save(rotated, exif=exif, quality=95)
+    assert main(["refine", str(rotated), "--box", "5", "10", "35", "40", "-o", str(d / "mask.png"), *FAST]) == 0
+    assert np.array(Image.open(d / "mask.png")).shape == (50, 40)
+    deep = tmp_path / "deep.png"
+    grey = (rgb.mean(2) * 257).astype(np.uint16)  # 16-bit greyscale, full range
+    Image.fromarray(grey).save(deep)
+    from apro.cli.refine import load_image
+
+    loaded = load_image(str(deep))
+    assert loaded.shape == (40, 50, 3) and loaded.dtype == np.uint8
+    assert abs(int(loaded[20, 25, 0]) - int(rgb[20, 25].mean())) <= 1  # scaled, not clipped to white
+
+
+def test_overlay_lines_scale_with_the_image_and_points_are_visible():
+    from apro.cli.refine import draw_overlay, line_width
+    from apro.figures import BOX_COLOUR, OBJECT_LABEL_COLOUR
+
+    assert line_width(40, 50) == 2 and line_width(1000, 1500) == 6
+    for size in (60, 1200):
+        rgb = np.zeros((size, size, 3), np.uint8)
+        mask = np.zeros((size, size), bool)
+        out = draw_overlay(rgb, mask, box=(size * 0.2, size * 0.2, size * 0.8, size * 0.8),
+                           points=[(size // 2, size // 2, 1)])
+        lw = line_width(size, size)
+        row = np.all(out[:, size // 2] == BOX_COLOUR, axis=1)  # the box's top and bottom edges in one column
+        assert int(row.sum()) == 2 * lw
+        red = int(np.all(out == OBJECT_LABEL_COLOUR, axis=2).sum())
+        assert red >= np.pi * (2 * lw) ** 2  # a disk, not a 1-pixel dot
+        assert np.all(out[size // 2, size // 2 + 2 * lw + 2] == 255)  # white ring around it
+
+
+def test_points_overlay_from_the_command_line(scene):
+    from apro.figures import OBJECT_LABEL_COLOUR
+
+    d = scene["dir"]
+    assert main(["refine", scene["image"], "--points", scene["points"], "-o", str(d / "mask.png"),
+                 "--overlay", str(d / "overlay.png"), *FAST]) == 0
+    over = np.array(Image.open(d / "overlay.png"))
+    assert np.all(over[20, 25] == OBJECT_LABEL_COLOUR) and np.all(over[20, 27] == OBJECT_LABEL_COLOUR)
+
+
+def test_device_errors_are_one_line(scene, capsys):
+    import torch
+
+    d = scene["dir"]
+    box = ["--box", "12", "8", "38", "32", "-o", str(d / "mask.png"), *FAST]
+    assert "--device" in _error(capsys, ["refine", scene["image"], *box, "--device", "nonsense"], d)
+    if not torch.cuda.is_available():
+        assert "CUDA" in _error(capsys, ["refine", scene["image"], *box, "--device", "cuda"], d)

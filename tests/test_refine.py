@@ -136,3 +136,114 @@ def test_mask_iou_ignores_invalid_pixels():
     b = torch.tensor([[1, 0], [1, 0]], dtype=torch.bool)
     assert mask_iou(a, b) == pytest.approx(1 / 3)
     assert mask_iou(a, b, valid=torch.tensor([[1, 0], [0, 1]], dtype=torch.bool)) == 1.0
+
+
+# ------------------------------------------------------------------ features head (default)
+def test_default_is_the_features_head_and_previous_default_still_runs():
+    assert RefineSettings().model == "features"
+    image, obj, box = _scene(4)
+    old = RefineSettings(model="logits", steps=60, size=48, lr=0.1, margin=0.25, margin_pixels=0, final_lp=0)
+    prob = refine_box(image, box, "apro", old)
+    assert prob.shape == obj.shape and mask_iou(prob >= 0.5, obj) > mask_iou(box_mask(box, *obj.shape) > 0, obj)
+
+
+def test_features_head_beats_free_logits_on_background_coloured_box_corners():
+    """Box corners share the background's colour; the features head (known background outside
+    the box, one classifier for the whole crop) removes them where free logits keep more."""
+    image, obj, box = _scene(5)
+    filled = box_mask(box, *obj.shape) > 0
+    feat = refine_box(image, box, "apro", FAST) >= 0.5
+    assert mask_iou(feat, obj) > 0.85
+    corners = filled & ~obj
+    assert int((feat & corners).sum()) < 0.2 * int(corners.sum())
+
+
+def test_image_features_are_standardised_on_the_requested_grid():
+    from apro.frozen_features import image_features
+
+    image, _, _ = _scene()
+    f = image_features(image[None], (12, 16), feature_size=64)
+    assert f.shape == (1, 24 + 40 + 112, 12, 16) and f.dtype == torch.float32
+    assert torch.allclose(f.mean((2, 3)), torch.zeros(1, f.shape[1]), atol=1e-4)
+    assert bool(torch.isfinite(f).all())
+    assert image_features(image[None], (12, 16), 64, levels=(1,)).shape[1] == 40
+    with pytest.raises(ValueError, match="image"):
+        image_features(image, (12, 16))
+    with pytest.raises(ValueError, match="levels"):
+        image_features(image[None], (12, 16), 64, levels=(5,))
+    with pytest.raises(ValueError, match="feature_size"):
+        image_features(image[None], (12, 16), 8)
+
+
+def test_quadratic_coordinates_and_zero_initialised_head():
+    from apro.frozen_features import LinearHead, quadratic_coordinates
+
+    q = quadratic_coordinates((5, 7), torch.zeros(1, dtype=torch.float64))
+    assert q.shape == (1, 5, 5, 7) and q.dtype == torch.float64
+    assert torch.equal(q[0, 2], q[0, 0] ** 2) and torch.equal(q[0, 4], q[0, 0] * q[0, 1])
+    assert float(q[0, 0].min()) == -1 and float(q[0, 1].max()) == 1
+    head = LinearHead(6, 2)
+    assert torch.equal(head(torch.randn(1, 6, 3, 4)), torch.zeros(1, 2, 3, 4))
+    with pytest.raises(ValueError):
+        LinearHead(0, 2)
+
+
+def test_full_resolution_lp_moves_a_blurred_edge_onto_the_image_edge():
+    from apro.refine import _full_resolution
+
+    image = torch.zeros(1, 3, 32, 32)
+    image[..., 16:] = 1.0  # a sharp vertical edge at x = 16
+    coarse = torch.zeros(1, 1, 4, 4)
+    coarse[..., 2:] = 1.0
+    plain = _full_resolution(coarse, image, RefineSettings(final_lp=0))
+    sharp = _full_resolution(coarse, image, RefineSettings(final_lp=10))
+    assert plain.shape == sharp.shape == (1, 1, 32, 32)
+    target = (torch.arange(32) >= 16).float().expand(32, 32)
+    # LP mixes values only within each side of the edge, never across it
+    assert float((sharp[0, 0] - target).abs().mean()) < 0.9 * float((plain[0, 0] - target).abs().mean())
+    assert float(sharp[0, 0, :, :14].max()) < float(plain[0, 0, :, :14].max())
+
+
+def test_parts_without_an_object_label_are_dropped():
+    from apro.refine import _keep_labelled_parts
+
+    prob = torch.zeros(10, 10)
+    prob[1:4, 1:4] = 0.9   # holds the object label
+    prob[6:9, 6:9] = 0.8   # a separate part without one
+    labels = torch.full((10, 10), 255, dtype=torch.int64)
+    labels[2, 2] = 1
+    labels[0, 9] = 0
+    out = _keep_labelled_parts(prob, labels)
+    assert torch.equal(out[1:4, 1:4], prob[1:4, 1:4]) and float(out[6:9, 6:9].abs().max()) == 0
+    image, obj, box = _scene(2)
+    scr = _scribbles(obj, box)
+    on = refine_sparse(image, scr, "apro", FAST)
+    off = refine_sparse(image, scr, "apro", RefineSettings(steps=80, size=48, connected=False))
+    assert bool(((on >= 0.5) <= (off >= 0.5)).all())  # dropping parts only removes pixels
+
+
+def test_new_settings_are_checked():
+    for bad, match in ((dict(lr=-1.0), "lr"), (dict(final_lp=-1), "final_lp"), (dict(device="nonsense"), "device"),
+                       (dict(feature_size=4), "feature_size"), (dict(coordinates=-1.0), "coordinates"),
+                       (dict(zeta_g=0.0), "zeta_g"), (dict(model="nope"), "model")):
+        with pytest.raises(ValueError, match=match):
+            RefineSettings(**bad).checked()
+    assert RefineSettings().learning_rate == 0.05 and RefineSettings(model="logits").learning_rate == 0.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_refine_on_cuda_matches_the_cpu_result_closely():
+    image, obj, box = _scene()
+    s = RefineSettings(steps=40, size=48, device="cuda")
+    prob = refine_box(image, box, "apro", s)
+    assert prob.device.type == "cpu" and mask_iou(prob >= 0.5, obj) > 0.8
+    labels = _scribbles(obj, box)
+    assert mask_iou(refine_sparse(image, labels, "apro", s) >= 0.5, obj) > 0.7
+
+
+def test_cuda_without_a_device_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    image, obj, box = _scene()
+    with pytest.raises(ValueError, match="CUDA"):
+        refine_box(image, box, "apro", RefineSettings(steps=2, size=24, device="cuda"))
