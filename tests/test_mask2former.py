@@ -463,3 +463,28 @@ def test_cli_trains_evaluates_and_checks_mask2former_options(synthetic, tmp_path
     assert main([*args[:-len(options)], "--out", str(tmp_path / "bad"), "--model-option", "grid_sizes=[4]"]) == 2
     err = capsys.readouterr().err
     assert "unknown --model-option 'grid_sizes'" in err and "Mask2Former takes" in err
+
+
+def test_shipped_mask2former_recipe_matches_the_benchmark_and_builds(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    from apro.tasks.box import BoxConfig, build_model
+
+    repo = Path(__file__).resolve().parent.parent
+    path = repo / "configs" / "pennfudan_mask2former.json"
+    raw = json.loads(path.read_text())
+    config = BoxConfig.from_json(path, data_root=str(tmp_path)).validate()
+    assert config.model == "mask2former" and config.data == str(tmp_path / "pennfudan" / "images")
+    sys.path.insert(0, str(repo / "benchmarks"))
+    try:
+        import mask2former as bench
+    finally:
+        sys.path.pop(0)
+    assert bench.MODEL == raw["model_options"]
+    for key, value in bench.RECIPE.items():
+        assert (list(value) if isinstance(value, tuple) else value) == raw[key], key
+    model = build_model(BoxConfig.from_dict(dict(config.to_dict(), pretrained=False)), 1)
+    assert type(model).__name__ == "Mask2Former" and model.num_queries == 25
+    assert not any(p.requires_grad for p in model.backbone.parameters())
