@@ -67,6 +67,10 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def load_recipe(path: Path, data_root: str) -> dict:
     """The recipe's :class:`~apro.tasks.box.BoxConfig` values, data paths under ``data_root``."""
     from apro.tasks.box import BoxConfig
@@ -115,6 +119,10 @@ def run_one(values, model, mask_loss, seed, run_dir: Path, args) -> dict:
     timing = run_dir / "train_seconds.json"
     if timing.exists():
         seconds_before = json.loads(timing.read_text()).get("seconds", 0.0)
+    started = run_dir / "started.json"
+    if not found:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        started.write_text(json.dumps({"commit": git_commit(), "date": _now()}) + "\n")
     start = time.perf_counter()
     if not found or int(found[-1].stem.split("_")[-1]) < config.steps:
         result = train(config, resume=found[-1] if found else None, progress=not args.quiet)
@@ -137,7 +145,8 @@ def run_one(values, model, mask_loss, seed, run_dir: Path, args) -> dict:
         "batch_size": config.batch_size, "AP": scores["AP"], "AP50": scores["AP50"], "AP75": scores["AP75"],
         "train_seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - start, 1),
         "test_short_side": _test_short_side(config), "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "trained_from": json.loads(started.read_text())["commit"] if started.exists() else None,
+        "date": _now(),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "threads": torch.get_num_threads(),
     }
@@ -167,14 +176,14 @@ def table(set_dir: Path, eval_ann: str, models, losses) -> str:
 
             seeds = ",".join(str(r["seed"]) for r in got)
             minutes = statistics.mean(r["train_seconds"] for r in got) / 60
-            commits = ",".join(sorted({r["commit"] for r in got}))
+            commits = ",".join(sorted({r.get("trained_from") or r["commit"] for r in got}))
             lines.append(f"| {model} | {LABELS.get(loss, loss)} | {seeds} | {cell('AP')} | {cell('AP50')} | "
                          f"{cell('AP75')} | {minutes:.0f} | {commits} |")
     per_seed = ["", "Per run (AP / AP50 / AP75):", ""]
     for r in sorted(rows, key=lambda r: (r["model"], MASK_LOSSES.index(r["mask_loss"]) if r["mask_loss"] in MASK_LOSSES else 99, r["seed"])):
         per_seed.append(f"- {r['model']} {r['mask_loss']} seed {r['seed']}: {r['AP']:.1f} / {r['AP50']:.1f} / "
                         f"{r['AP75']:.1f}, {r['steps']} steps x {r['batch_size']}, {r['train_seconds'] / 60:.0f} min, "
-                        f"{r['commit']}, {r['date']}")
+                        f"trained from {r.get('trained_from') or '?'}, evaluated at {r['commit']}, {r['date']}")
     return "\n".join(lines + per_seed)
 
 
