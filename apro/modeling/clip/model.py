@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -46,7 +46,6 @@ class CLIPConfig:
     text_mlp_width: Optional[int] = None
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
-    extra: dict = field(default_factory=dict)
 
     @property
     def is_vit(self) -> bool:
