@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from ..losses import BOX_MASK_LOSSES, box_mask_loss, tree_guide
 from ..tree import minimum_spanning_tree
+from ._inputs import check_forward_inputs
 from .backbones import build_backbone
 from .fpn import FPN
 from .matcher import HungarianMatcher
@@ -290,15 +291,8 @@ class Mask2Former(nn.Module):
             loss term of the last set), "num_matched".
             without: per image dict(masks ``(K, H, W)`` bool, labels ``(K,)`` int64, scores ``(K,)``).
         """
-        _check_images(images)
+        valid = check_forward_inputs(images, valid, targets)
         batch, _, height, width = images.shape
-        if valid is not None:
-            if valid.dim() == 3:
-                valid = valid.unsqueeze(1)
-            if valid.shape != (batch, 1, height, width):
-                raise ValueError(f"valid must have shape ({batch}, 1, {height}, {width}), got {tuple(valid.shape)}")
-        if targets is not None and (not isinstance(targets, (list, tuple)) or len(targets) != batch):
-            raise ValueError(f"targets must be a list of {batch} dicts (one per image)")
         predictions, mask_features = self.predict_sets(images)
         if targets is not None:
             return self._losses(images, predictions, mask_features, targets)
@@ -449,14 +443,3 @@ def _check_loss_settings(options: dict) -> None:
         raise ValueError(f"lp_iterations must be an integer >= 1, got {t!r}")
 
 
-def _check_images(images) -> None:
-    if not isinstance(images, torch.Tensor) or not torch.is_floating_point(images):
-        raise TypeError("images must be a float tensor (B, 3, H, W) of RGB values in [0, 1]")
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
-    if images.shape[-1] % 32 or images.shape[-2] % 32:
-        raise ValueError(f"images height and width must be multiples of 32 (pad them, e.g. with "
-                         f"apro.data.collate_batch), got {tuple(images.shape[-2:])}")
-    if images.numel() and (float(images.min()) < -1e-3 or float(images.max()) > 1 + 1e-3):
-        raise ValueError(f"images must be RGB in [0, 1] (the model normalises them itself), got values in "
-                         f"[{float(images.min()):.3g}, {float(images.max()):.3g}]; divide 8-bit images by 255")

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from ..losses import BOX_MASK_LOSSES, PROJECTION_WEIGHT, box_mask_loss, box_projection_loss, tree_guide
 from ..tree import minimum_spanning_tree
+from ._inputs import check_forward_inputs
 from .backbones import STRIDES, build_backbone
 from .fpn import FPN
 
@@ -452,16 +453,8 @@ class SOLOv2(nn.Module):
             when ``pairwise_warmup`` is set.
             without: per image dict(masks ``(K, H, W)`` bool, labels ``(K,)`` int64, scores ``(K,)``).
         """
-        self._check_images(images)
+        valid = check_forward_inputs(images, valid, targets)
         batch, _, height, width = images.shape
-        if valid is not None:
-            if valid.dim() == 3:
-                valid = valid.unsqueeze(1)
-            if valid.shape != (batch, 1, height, width):
-                raise ValueError(f"valid must have shape ({batch}, 1, {height}, {width}), got {tuple(valid.shape)}")
-        if targets is not None and (not isinstance(targets, (list, tuple)) or len(targets) != batch):
-            raise ValueError(f"targets must be a list of {batch} dicts (one per image), got "
-                             f"{type(targets).__name__} of length {len(targets) if hasattr(targets, '__len__') else '?'}")
 
         x = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
         if self.cache_backbone and self.training and targets is not None:
@@ -506,21 +499,6 @@ class SOLOv2(nn.Module):
                 batch[b, :, :f.shape[-2], :f.shape[-1]] = f[0].to(x.dtype)
             out.append(batch)
         return out
-
-    @staticmethod
-    def _check_images(images):
-        if not isinstance(images, torch.Tensor) or not torch.is_floating_point(images):
-            raise TypeError("images must be a float tensor (B, 3, H, W) of RGB values in [0, 1]")
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
-        if images.shape[-1] % 32 or images.shape[-2] % 32:
-            raise ValueError(f"images height and width must be multiples of 32 (pad them, e.g. with "
-                             f"apro.data.collate_batch), got {tuple(images.shape[-2:])}")
-        if images.numel() and not bool(torch.isfinite(images).all()):
-            raise ValueError("images contain NaN or inf values")
-        if images.numel() and (float(images.min()) < -1e-3 or float(images.max()) > 1 + 1e-3):
-            raise ValueError(f"images must be RGB in [0, 1] (the model normalises them itself), got values in "
-                             f"[{float(images.min()):.3g}, {float(images.max()):.3g}]; divide 8-bit images by 255")
 
     # -- training -------------------------------------------------------------------------------
     def _losses(self, images, categories, kernels, mask_features, targets):
