@@ -292,6 +292,10 @@ def test_bad_images_and_targets_are_clear_errors():
         model(torch.rand(1, 3, 40, 64))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         model(torch.rand(1, 3, 64, 64) * 255)
+    nan = torch.rand(1, 3, 64, 64)
+    nan[0, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model(nan)
     with pytest.raises(ValueError, match="one per image"):
         model(torch.rand(2, 3, 64, 64), targets=[{}])
     with pytest.raises(ValueError, match="degenerate"):
