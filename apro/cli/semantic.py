@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from . import CommandError
+from ._run_config import config_from_args
 
 # options that may differ between a checkpoint's config and a resumed run
 _RESUMABLE = {"data", "out", "steps", "checkpoint_every", "keep_checkpoints", "num_workers", "device",
@@ -78,42 +79,16 @@ def add_train_parser(tasks) -> None:
 
 def build_config(args):
     """The run's SemanticConfig and the checkpoint to resume (or None) from parsed arguments."""
-    from ..engine import CheckpointError, load_checkpoint
     from ..tasks.semantic import SemanticConfig, default_data_root
+
+    def fill(values):
+        if not values.get("data"):
+            values["data"] = default_data_root()
 
     skip = ("handler", "command", "task", "config", "resume", "quiet")
     given = {k: v for k, v in vars(args).items() if k not in skip}
-    if getattr(args, "resume", None) is not None:
-        try:
-            state = load_checkpoint(args.resume)
-        except CheckpointError as err:
-            raise CommandError(str(err)) from None
-        if state.get("task") != "semantic":
-            raise CommandError(f"{args.resume} is a checkpoint of task {state.get('task', 'box')!r}, not semantic")
-        values = dict(state["config"])
-        for key, value in given.items():
-            if key not in _RESUMABLE and values.get(key) != (list(value) if isinstance(value, tuple) else value):
-                raise CommandError(f"--{key.replace('_', '-')} differs from the checkpoint's; a resumed run keeps "
-                                   f"its settings (only {', '.join(sorted(_RESUMABLE))} may change)")
-        values.update(given)
-        return _make(SemanticConfig.from_dict, values, f"checkpoint {state['path']}"), state["path"]
-    values = {}
-    if getattr(args, "config", None) is not None:
-        try:
-            values = SemanticConfig.from_json(args.config).to_dict()
-        except (FileNotFoundError, ValueError, TypeError) as err:
-            raise CommandError(str(err)) from None
-    values.update(given)
-    if not values.get("data"):
-        values["data"] = default_data_root()
-    return _make(SemanticConfig.from_dict, values, "options"), None
-
-
-def _make(factory, values, source):
-    try:
-        return factory(values, source=source).validate()
-    except (TypeError, ValueError) as err:
-        raise CommandError(str(err)) from None
+    return config_from_args(SemanticConfig, given, task="semantic", resume=getattr(args, "resume", None),
+                            config_file=getattr(args, "config", None), resumable=_RESUMABLE, fill=fill)
 
 
 def run_train(args) -> int:

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from . import CommandError
+from ._run_config import config_from_args
 
 # options that may differ between a checkpoint's config and a resumed run
 _RESUMABLE = {"data", "ann", "out", "eval_ann", "eval_data", "steps", "checkpoint_every", "keep_checkpoints",
@@ -115,51 +116,19 @@ def _model_options(items) -> dict:
 
 def build_config(args):
     """The run's BoxConfig and the checkpoint to resume (or None) from parsed arguments."""
-    from ..engine import CheckpointError, load_checkpoint
     from ..tasks.box import BoxConfig
 
     given = {k: v for k, v in vars(args).items()
              if k not in ("handler", "command", "task", "config", "resume", "quiet", "extend_schedule")}
     if "model_options" in given:
         given["model_options"] = _model_options(given["model_options"])
-    resume = getattr(args, "resume", None)
-    if resume is not None:
-        try:
-            state = load_checkpoint(resume)
-        except CheckpointError as err:
-            raise CommandError(str(err)) from None
-        values = dict(state["config"])
-        for key, value in given.items():
-            if key not in _RESUMABLE and _normalised(value) != _normalised(values.get(key)):
-                raise CommandError(
-                    f"--{key.replace('_', '-')} differs from the checkpoint's {key}={values.get(key)!r}; "
-                    f"a resumed run keeps its settings (only {', '.join(sorted(_RESUMABLE))} may change)"
-                )
-        values.update(given)
-        return _make(BoxConfig.from_dict, values, f"checkpoint {state['path']}"), state["path"]
-    values = {}
-    if getattr(args, "config", None) is not None:
-        try:
-            values = BoxConfig.from_json(args.config).to_dict()
-        except (FileNotFoundError, ValueError, TypeError) as err:
-            raise CommandError(str(err)) from None
-    values.update(given)
-    config = _make(BoxConfig.from_dict, values, "options")
-    for key in ("data", "ann"):
-        if not getattr(config, key):
-            raise CommandError(f"--{key} is required (or set {key!r} in --config)")
-    return config, None
-
-
-def _normalised(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _make(factory, values, source):
-    try:
-        return factory(values, source=source).validate()
-    except (TypeError, ValueError) as err:
-        raise CommandError(str(err)) from None
+    config, resume = config_from_args(BoxConfig, given, task="box", resume=getattr(args, "resume", None),
+                                      config_file=getattr(args, "config", None), resumable=_RESUMABLE)
+    if resume is None:
+        for key in ("data", "ann"):
+            if not getattr(config, key):
+                raise CommandError(f"--{key} is required (or set {key!r} in --config)")
+    return config, resume
 
 
 def check_model_options(config, num_classes: int) -> None:
