@@ -3,9 +3,6 @@ handling of bad input (exit 2, one line naming the file), and two-process DDP th
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +13,7 @@ from PIL import Image
 from apro.cli import main
 from apro.data import make_synthetic_coco
 from apro.engine import checkpoint_path, list_checkpoints, load_checkpoint, read_log
+from two_ranks import torchrun_two
 
 # A small SOLOv2 so the CLI runs take seconds; 64 x 64 images.
 TINY = ["--model-option", "fpn_channels=16", "--model-option", "head_channels=16",
@@ -252,21 +250,12 @@ def test_eval_needs_masks(synthetic, one_step_run, capsys):
     assert "without 'segmentation'" in error_line(capsys)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_train_the_real_model(synthetic, tmp_path):
     """`torchrun --nproc_per_node=2 -m apro train box` on CPU: gloo, each rank a different half
     of every epoch; training checks at the end that both ranks hold identical weights
     (apro.training raises otherwise) and only rank 0 writes the run directory."""
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "apro", *train_args(synthetic, out, "--batch-size", "1")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = torchrun_two(["-m", "apro", *train_args(synthetic, out, "--batch-size", "1")], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("trained 2 steps") == 1  # rank 0 only
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint_00000002.pt"]

@@ -418,30 +418,12 @@ torch.save({{"state": result.model.state_dict(), "history": result.history}}, {o
 
 
 def test_two_process_ddp_trains_mask2former_with_identical_replicas(tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from apro.engine import list_checkpoints, load_checkpoint
+    from two_ranks import identical_rank_states, run_two_ranks
 
-    out = tmp_path / "run"
-    out.mkdir()
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).resolve().parent), out=str(out),
-                                        data=str(tmp_path / "data")))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={port}", str(script)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc, out = run_two_ranks(tmp_path, DDP_SCRIPT, timeout=300, data=str(tmp_path / "data"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    for (name, a), b in zip(r0["state"].items(), r1["state"].values()):
-        assert torch.equal(a, b), f"rank 0 and rank 1 disagree on {name}"
+    r0, r1 = identical_rank_states(out)
     assert r0["history"] == r1["history"] and len(r0["history"]) == 3
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint_00000003.pt"]
     state = load_checkpoint(out)

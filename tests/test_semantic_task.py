@@ -3,10 +3,6 @@ bad files are refused, and the train / eval / predict commands work end to end."
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +14,9 @@ from torch import nn
 from apro.cli import main
 from apro.engine import load_checkpoint
 from apro.evaluation.semantic import ConfusionMatrix
-from apro.tasks.semantic import SemanticConfig, SemanticTask, build_train_dataset, semantic_losses, train
+from apro.tasks.semantic import SemanticConfig, build_train_dataset, semantic_losses, train
+from two_ranks import identical_rank_states, run_two_ranks
 
-TESTS = Path(__file__).resolve().parent
 COLOURS = {0: (90, 90, 90), 3: (220, 40, 40), 8: (40, 200, 60), 15: (40, 60, 220)}
 
 
@@ -167,26 +163,11 @@ torch.save({{"state": result.model.state_dict(), "history": result.history}},
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_agrees(tmp_path):
     make_blocks(tmp_path / "data")
-    out = tmp_path / "run"
-    out.mkdir()
-    script = tmp_path / "ddp_semantic.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(TESTS), data=str(tmp_path / "data"), out=str(out)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "NUMBA_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)],
-                          capture_output=True, text=True, timeout=240, env=env)
+    proc, out = run_two_ranks(tmp_path, DDP_SCRIPT, data=str(tmp_path / "data"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    for (name, a), b in zip(r0["state"].items(), r1["state"].values()):
-        assert torch.equal(a, b), f"rank 0 and rank 1 disagree on {name}"
+    r0, r1 = identical_rank_states(out)
     assert r0["history"] == r1["history"] and len(r0["history"]) == 4
     ckpt = load_checkpoint(out)
     assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2

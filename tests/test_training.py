@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,8 +24,7 @@ from apro.engine import (
     save_checkpoint,
 )
 from apro.tasks.box import BoxConfig as TrainConfig, train
-
-TESTS = Path(__file__).resolve().parent
+from two_ranks import identical_rank_states, run_two_ranks
 
 
 class TinyBoxes(torch.utils.data.Dataset):
@@ -303,34 +300,10 @@ torch.save({{"state": result.model.state_dict(), "history": result.history}},
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_two_ranks(tmp_path, script_template):
-    """Run ``script_template`` (formatted with ``tests`` and ``out``) as two gloo ranks on one
-    thread each; returns the finished process and the output directory."""
-    out = tmp_path / "run"
-    out.mkdir()
-    script = tmp_path / "ddp_script.py"
-    script.write_text(script_template.format(tests=str(TESTS), out=str(out)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={_free_port()}", str(script)],
-        capture_output=True, text=True, timeout=240, env=env,
-    )
-    return proc, out
-
-
 def test_two_process_ddp_on_cpu_keeps_replicas_identical(tmp_path):
-    proc, out = _run_two_ranks(tmp_path, DDP_SCRIPT)
+    proc, out = run_two_ranks(tmp_path, DDP_SCRIPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    for (name, a), b in zip(r0["state"].items(), r1["state"].values()):
-        assert torch.equal(a, b), f"rank 0 and rank 1 disagree on {name}"
+    r0, r1 = identical_rank_states(out)
     halfway = load_checkpoint(checkpoint_path(out, 2))["model"]
     assert not torch.equal(halfway["conv.weight"], r0["state"]["conv.weight"])  # steps 3-4 did train
     # the logged losses are the mean over ranks, identical on both; only rank 0 writes files
@@ -472,7 +445,7 @@ except TrainingError as err:
 def test_ddp_ranks_stop_together_on_a_non_finite_loss_on_one_rank(tmp_path):
     """A NaN on rank 1 only must stop both ranks at the same step (no hang in the gradient
     all-reduce), and a loss term logged by one rank only is averaged over the ranks having it."""
-    proc, out = _run_two_ranks(tmp_path, DDP_DIVERGING_SCRIPT)
+    proc, out = run_two_ranks(tmp_path, DDP_DIVERGING_SCRIPT)
     assert proc.returncode != 0
     for rank in (0, 1):  # one file per rank: the ranks' stdout lines can interleave
         said = (out / f"stopped_{rank}.txt").read_text()
