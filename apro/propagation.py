@@ -338,13 +338,42 @@ def local_propagation(
     mask = mask.detach().to(device=vals.device, dtype=vals.dtype)
     img = image.detach().to(device=vals.device, dtype=vals.dtype)
     if vals.device.type == "cpu" and vals.dtype in (torch.float32, torch.float64):
-        planes = vals.contiguous().numpy()
-        m = mask.expand(b, c, h, w).contiguous().numpy()
+        m = mask.expand(b, c, h, w).contiguous()
         guide = img.contiguous().numpy()
-        out = np.zeros_like(planes)
-        map_images(lambda i: _lp_image(planes[i], guide[i], m[i], k // 2, zeta, iterations, out[i]), b, None)
+        out = np.zeros((b, c, h, w), dtype=guide.dtype)
+        # Entries with the same guide and mask (e.g. the positives of one instance in SOLOv2)
+        # share their window weights: one call per group, its values stacked as planes.
+        groups = _identical_entries(img, m)
+        planes = [vals[g].reshape(-1, h, w).contiguous().numpy() for g in groups]
+        masks = [m[g].reshape(-1, h, w).contiguous().numpy() for g in groups]
+        results = [np.zeros_like(x) for x in planes]
+        map_images(lambda i: _lp_image(planes[i], guide[groups[i][0]], masks[i], k // 2, zeta, iterations,
+                                       results[i]), len(groups), None)
+        for g, r in zip(groups, results):
+            out[g] = r.reshape(len(g), c, h, w)
         return torch.from_numpy(out)
     return _local_iterate_torch(vals, local_affinity(img, k, zeta), k // 2, iterations, mask)
+
+
+def _identical_entries(image: torch.Tensor, mask: torch.Tensor) -> list:
+    """Batch indices grouped by equal ``(image[i], mask[i])`` (CPU tensors), in order of first
+    appearance. Candidates share a hash of their bytes and are confirmed with ``torch.equal``."""
+    b = image.shape[0]
+    if b == 1:
+        return [[0]]
+    flat_i, flat_m = image.reshape(b, -1).contiguous(), mask.reshape(b, -1).contiguous()
+    np_i, np_m = flat_i.numpy(), flat_m.numpy()
+    groups, by_key = [], {}
+    for i in range(b):
+        candidates = by_key.setdefault((hash(np_i[i].tobytes()), hash(np_m[i].tobytes())), [])
+        for g in candidates:
+            if torch.equal(flat_i[i], flat_i[g[0]]) and torch.equal(flat_m[i], flat_m[g[0]]):
+                g.append(i)
+                break
+        else:
+            candidates.append([i])
+            groups.append(candidates[-1])
+    return groups
 
 
 def _lp_image(values, image, mask, radius, zeta, iterations, out):

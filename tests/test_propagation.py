@@ -196,6 +196,26 @@ def test_lp_mask_applied_before_and_after_every_step():
     assert bool((out[mask.expand_as(out) == 0] == 0).all())
 
 
+def test_lp_entries_sharing_guide_and_mask_are_grouped_exactly():
+    """Entries with equal (image, mask) share one weight computation; results are those of
+    one call per entry, bit for bit, and the grouping distinguishes image from mask."""
+    from apro.propagation import _identical_entries
+
+    g = torch.Generator().manual_seed(4)
+    img_a, img_b = torch.rand(1, 3, 9, 10, generator=g), torch.rand(1, 3, 9, 10, generator=g)
+    box, other = torch.zeros(1, 1, 9, 10), torch.zeros(1, 1, 9, 10)
+    box[..., 2:7, 1:6] = 1
+    other[..., 1:5, 4:9] = 1
+    image = torch.cat([img_a, img_a, img_a, img_b, img_a])
+    mask = torch.cat([box, other, box, box, box])
+    values = torch.rand(5, 2, 9, 10, generator=g)
+    assert _identical_entries(image, mask.expand(5, 2, 9, 10)) == [[0, 2, 4], [1], [3]]
+    out = apro.local_propagation(values, image, 5, 0.3, 6, mask=mask)
+    for i in range(5):
+        alone = apro.local_propagation(values[i:i + 1], image[i:i + 1], 5, 0.3, 6, mask=mask[i:i + 1])
+        assert torch.equal(out[i:i + 1], alone), i
+
+
 def test_lp_torch_path_matches_kernel_path():
     g = torch.Generator().manual_seed(6)
     image = torch.rand(2, 3, 11, 13, generator=g)
