@@ -2,7 +2,9 @@
 collective checks the trainer runs."""
 from __future__ import annotations
 
+import atexit
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +43,24 @@ def init_distributed(device_kind: str) -> DistContext:
         return DistContext()
     backend = "nccl" if device_kind == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
+    if backend == "gloo":
+        atexit.unregister(_let_gloo_workers_finish)  # once per process, however many runs
+        atexit.register(_let_gloo_workers_finish)
     return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns_group=True)
+
+
+def _let_gloo_workers_finish(seconds: float = 0.2) -> None:
+    """Release the GIL for a moment before interpreter shutdown.
+
+    A gloo worker thread drops a finished collective's tensors just after the caller's wait
+    returns, and that needs the GIL. DDP keeps the gloo group (and its threads) alive after
+    ``destroy_process_group``, so in a script that ends right after training the release can
+    fall into interpreter shutdown, where taking the GIL ends the thread and the process
+    aborts ("terminate called without an active exception", SIGABRT; seen in core dumps).
+    An ``atexit`` handler runs while the interpreter is still whole, so sleeping here lets
+    any such release finish first.
+    """
+    time.sleep(seconds)
 
 
 def resolve_device(config, local_rank: int) -> torch.device:
