@@ -13,7 +13,8 @@ The prediction (``RefineSettings.model``):
   frozen EfficientNet-Lite0 ImageNet features and the colour, so the unary already follows
   the image as a trained network's does. Boxes add one known label: pixels of the fitted
   crop outside the box are background. Points/scribbles add quadratic coordinate channels
-  (a smooth spatial prior), GP with ``zeta_g = 0.1`` (0.01 is almost the identity at the
+  (a smooth spatial prior), a class-balanced partial CE (each class's labelled pixels weigh
+  the same in total), GP with ``zeta_g = 0.1`` (0.01 is almost the identity at the
   normalised image's scale) and keep only the mask's connected parts that hold an object label.
 - ``"logits"``: free per-pixel logits (the previous default, no image prior).
 - ``"cnn"``: a tiny dilated CNN over RGB + coordinates fitted from scratch.
@@ -84,10 +85,13 @@ class RefineSettings:
     image, is fitted). seed: torch seed of the CNN's initial weights. feature_size: longer
     side the image (or box crop) is resized to before the frozen network sees it.
     coordinates: weight of the quadratic coordinate channels of the features head for
-    points/scribbles (0: none). zeta_g: GP's first-stage zeta for points/scribbles (None:
-    0.1 with the features head, the registered loss's 0.01 otherwise). final_lp: LP steps at
-    full resolution on the upsampled probability (0: plain bilinear upsampling). connected:
-    points/scribbles only: keep the mask's 4-connected parts that hold an object label.
+    points/scribbles (0: none). balance: features head, points/scribbles: partial CE weighs a
+    class-c pixel by ``n_c ** -balance`` (``n_c`` labelled pixels of class c; 1: each class
+    weighs the same in total, 0: the plain mean). zeta_g: GP's first-stage zeta for
+    points/scribbles (None: 0.1 with the features head, the registered loss's 0.01
+    otherwise). final_lp: LP steps at full resolution on the upsampled probability (0: plain
+    bilinear upsampling). connected: points/scribbles only: keep the mask's 4-connected parts
+    that hold an object label.
     device: where the prediction is fitted (``"cpu"``, ``"cuda"``, ...).
     """
 
@@ -99,7 +103,8 @@ class RefineSettings:
     margin_pixels: int = 8
     seed: int = 0
     feature_size: int = 640
-    coordinates: float = 3.0
+    coordinates: float = 6.0
+    balance: float = 1.0
     zeta_g: Optional[float] = None
     final_lp: int = 10
     connected: bool = True
@@ -118,6 +123,8 @@ class RefineSettings:
         check_count(self.feature_size, "feature_size", 32)
         if not (0 <= float(self.coordinates) < float("inf")):
             raise ValueError(f"coordinates must be a finite number >= 0, got {self.coordinates!r}")
+        if not (0 <= float(self.balance) <= 1):
+            raise ValueError(f"balance must be in [0, 1], got {self.balance!r}")
         if self.zeta_g is not None:
             check_positive(self.zeta_g, "zeta_g")
         check_count(self.final_lp, "final_lp", 0)
@@ -445,11 +452,13 @@ def refine_sparse(
         FEATURE_SPARSE_ZETA_G if settings.model == "features" else None)
     apro_variant = {"apro": "gp-lp-p", "gp": "gp", "lp": "lp", "gp-lp-c": "gp-lp-c", "lp-gp-c": "lp-gp-c"}.get(loss_name)
 
+    balance = float(settings.balance) if settings.model == "features" else 0.0
+
     def loss_fn(logits):
         if loss is not None:
             return loss(logits, small_labels, small, tree)
         if apro_variant is not None and zeta_g is not None:
-            return losses.partial_cross_entropy(logits, small_labels) + losses.apro_sparse_loss(
+            return balanced_partial_cross_entropy(logits, small_labels, balance) + losses.apro_sparse_loss(
                 logits, small_labels, small, variant=apro_variant, zeta_g=zeta_g, tree=tree)
         return losses.SPARSE_LOSSES[loss_name](logits, small_labels, small, tree=tree)
 
@@ -467,6 +476,24 @@ def refine_sparse(
     if settings.connected:
         prob = _keep_labelled_parts(prob, labels)
     return prob
+
+
+def balanced_partial_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, balance: float = 1.0) -> torch.Tensor:
+    """Partial cross-entropy over labelled pixels with a class-c pixel weighted ``n_c ** -balance``
+    (``n_c``: labelled pixels of class c in the batch), normalised by the total weight.
+
+    ``balance=0`` is :func:`apro.losses.partial_cross_entropy`; ``balance=1`` averages the
+    per-class means, so a few object clicks weigh as much as long background strokes.
+    ``logits`` ``(B, K, H, W)``, ``labels`` ``(B, H, W)`` int64 with 255 unlabeled.
+    """
+    if balance == 0:
+        return _losses().partial_cross_entropy(logits, labels)
+    labels = labels.to(device=logits.device, dtype=torch.long)
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    onehot = F.one_hot(labels.clamp_max(logits.shape[1]), logits.shape[1] + 1)[..., : logits.shape[1]]
+    counts = onehot.flatten(0, -2).sum(0).to(ce.dtype)
+    weight = (onehot.to(ce.dtype) * counts.clamp_min(1).pow(-float(balance))).sum(-1)
+    return (ce * weight).sum() / weight.sum().clamp_min(torch.finfo(ce.dtype).tiny)
 
 
 def _keep_labelled_parts(prob: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -225,10 +225,48 @@ def test_parts_without_an_object_label_are_dropped():
 def test_new_settings_are_checked():
     for bad, match in ((dict(lr=-1.0), "lr"), (dict(final_lp=-1), "final_lp"), (dict(device="nonsense"), "device"),
                        (dict(feature_size=4), "feature_size"), (dict(coordinates=-1.0), "coordinates"),
-                       (dict(zeta_g=0.0), "zeta_g"), (dict(model="nope"), "model")):
+                       (dict(zeta_g=0.0), "zeta_g"), (dict(model="nope"), "model"), (dict(balance=-0.5), "balance"),
+                       (dict(balance=2.0), "balance")):
         with pytest.raises(ValueError, match=match):
             RefineSettings(**bad).checked()
     assert RefineSettings().learning_rate == 0.05 and RefineSettings(model="logits").learning_rate == 0.1
+
+
+def test_balanced_partial_cross_entropy_averages_the_class_means():
+    from apro.losses import partial_cross_entropy
+    from apro.refine import balanced_partial_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 2, 8, 8, generator=g, requires_grad=True)
+    labels = torch.full((1, 8, 8), 255, dtype=torch.int64)
+    labels[0, 3, 3:6] = 1        # 3 object pixels
+    labels[0, 0, :] = 0          # 20 background pixels
+    labels[0, -1, :] = 0
+    labels[0, 1:5, 0] = 0
+    ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255, reduction="none")
+    per_class = 0.5 * (ce[labels == 1].mean() + ce[labels == 0].mean())
+    assert torch.allclose(balanced_partial_cross_entropy(logits, labels, 1.0), per_class)
+    assert torch.allclose(balanced_partial_cross_entropy(logits, labels, 0.0), partial_cross_entropy(logits, labels))
+    half = balanced_partial_cross_entropy(logits, labels, 0.5)
+    assert min(per_class, ce[labels != 255].mean()) - 1e-6 <= half <= max(per_class, ce[labels != 255].mean()) + 1e-6
+    balanced_partial_cross_entropy(logits, labels, 1.0).backward()
+    assert float(logits.grad[:, :, labels[0] == 255].abs().max()) == 0  # unlabeled pixels get no gradient
+    none = torch.full((1, 8, 8), 255, dtype=torch.int64)
+    assert float(balanced_partial_cross_entropy(logits, none, 1.0).detach()) == 0
+
+
+def test_a_lone_object_click_against_long_background_strokes_still_finds_the_object():
+    image, obj, box = _scene(2)
+    h, w = obj.shape
+    labels = torch.full((h, w), 255, dtype=torch.int64)
+    labels[h // 2, w // 2] = 1
+    labels[1:3, :] = 0
+    labels[-3:-1, :] = 0
+    labels[:, 1:3] = 0
+    labels[:, -3:-1] = 0
+    for balance in (0.0, 1.0):  # 1 object pixel vs ~600 background ones, with and without balancing
+        prob = refine_sparse(image, labels, "apro", RefineSettings(steps=40, size=48, balance=balance))
+        assert mask_iou(prob >= 0.5, obj) > 0.8
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
