@@ -105,9 +105,11 @@ def test_losses_have_the_terms_of_each_method():
     expected = {"pce": {"pce", "loss"}, "treeenergy": {"pce", "treeenergy", "loss"},
                 "apro": {"pce", "global", "local", "feature", "loss"}}
     for loss, keys in expected.items():
-        cfg = SemanticConfig(loss=loss, lp_iterations=2)
+        cfg = SemanticConfig(loss=loss, lp_iterations=2, feature_weight=0.4)
         terms = semantic_losses(cfg, logits, feats, image, labels)
         assert set(terms) == keys
+        if loss == "treeenergy":
+            terms_tel = {k: v.detach() for k, v in terms.items()}
         assert torch.allclose(terms["loss"], sum(v for k, v in terms.items() if k != "loss"))
         terms["loss"].backward()
         assert logits.grad is not None and torch.isfinite(logits.grad).all()
@@ -116,7 +118,11 @@ def test_losses_have_the_terms_of_each_method():
     assert "feature" not in no_high
     zero = semantic_losses(SemanticConfig(loss="apro", global_weight=0, local_weight=0, feature_weight=0,
                                           lp_iterations=2), logits, feats, image, labels)
-    assert torch.allclose(zero["loss"], zero["pce"])
+    assert torch.allclose(zero["loss"], zero["pce"]) and "feature" not in zero
+    default = semantic_losses(SemanticConfig(loss="apro", lp_iterations=2), logits, feats, image, labels)
+    assert set(default) == {"pce", "global", "local", "loss"}  # the tuned default runs no feature GP
+    tel = semantic_losses(SemanticConfig(loss="treeenergy", feature_weight=0), logits, feats, image, labels)
+    assert torch.allclose(tel["treeenergy"], terms_tel["treeenergy"])  # TEL keeps its high-level tree
 
 
 def test_tiny_run_learns(tmp_path):

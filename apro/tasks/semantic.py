@@ -13,7 +13,8 @@ Loss of one batch (``loss`` picks the pairwise term, SPEC §4-5):
   (``high_level``), as TEL does;
 - ``apro``: pCE + ``global_weight`` * L1 to GP on the image (the two-stage GP of the released
   models) + ``feature_weight`` * L1 to GP on the decoder features (``high_level``; paper
-  §3.2.1) + ``local_weight`` * L1 to LP.
+  §3.2.1; not run when ``feature_weight`` is 0, the default tuned in docs/semantic.md)
+  + ``local_weight`` * L1 to LP.
 
 Pairwise terms run at the logits' resolution (stride 4), on the unlabeled pixels there (the
 labels nearest-downsampled), with the image average-pooled to that grid, as TEL does.
@@ -77,12 +78,13 @@ class SemanticConfig(EngineConfig):
     pairwise_weight: float = 0.4
     sigma: float = 0.02
     sigma_high: float = 1.0
-    global_weight: float = 0.4
-    feature_weight: float = 0.4
-    local_weight: float = 0.4
+    # APro's weights, tuned on a split of the training images (docs/semantic.md): the feature GP hurt
+    global_weight: float = 0.2
+    feature_weight: float = 0.0
+    local_weight: float = 0.2
     zeta_g: float = 0.01
     zeta_gh: Optional[float] = 0.07
-    zeta_f: float = 1.0
+    zeta_f: float = 0.5  # the decoder features' scale (zeta_f^2 ~ 90th percentile of their MST edges)
     zeta_s: float = 0.15
     kernel_size: int = 5
     lp_iterations: int = 20
@@ -167,6 +169,8 @@ def semantic_losses(config: SemanticConfig, logits: torch.Tensor, features: torc
             terms.update(_tree_energy_terms(logits, small_labels, small_image, config.sigma, config.pairwise_weight,
                                             255, None, feats, config.sigma_high))
         else:
+            if not float(config.feature_weight) > 0:
+                feats = None  # weight 0: the feature GP is not run at all
             terms.update(_apro_sparse_terms(
                 logits, small_labels, small_image, "gp-lp-p", config.zeta_g, config.zeta_gh, config.zeta_s,
                 config.kernel_size, config.lp_iterations, 1.0, 255, None, feats, config.zeta_f, 1.0))
