@@ -5,7 +5,8 @@ each loss, and the training table.
 recipe's model on a real ``voc-sparse`` batch, timed *interleaved*: pce, apro, treeenergy,
 pce, apro, ... on the same batch, so that machine load drifts hit every loss alike. Reports
 the median step time per loss and the APro overhead as the median of per-round ratios
-``apro / pce - 1``. One thread unless ``--threads``.
+``apro / pce - 1``. One thread unless ``--threads``; ``--clock cpu`` times the process's CPU
+time instead of wall time, which other jobs on a loaded machine disturb less.
 
 ``table``: runs ``apro train semantic`` then ``apro eval semantic`` for every (labels, loss,
 seed) asked, one after another, and prints the markdown table of val mIoU. Example::
@@ -47,14 +48,16 @@ def step_cost(args) -> None:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     configs = {name: SemanticConfig(loss=name) for name in args.losses}
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+
     def one(cfg):
-        t = time.perf_counter()
+        t = clock()
         out = model(image)
         terms = semantic_losses(cfg, out["logits"], out["features"], image, labels)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         opt.step()
-        return time.perf_counter() - t
+        return clock() - t
 
     for cfg in configs.values():  # warm-up: numba compilation, allocator
         one(cfg)
@@ -63,14 +66,14 @@ def step_cost(args) -> None:
         for name, cfg in configs.items():
             times[name].append(one(cfg))
     base = times.get("pce")
-    print(f"| loss | median step (s) | overhead vs pce (median of per-round ratios) |")
+    print(f"| loss | median step ({args.clock} s) | overhead vs pce (median of per-round ratios) |")
     print("| --- | --- | --- |")
     for name, ts in times.items():
         over = "" if base is None or name == "pce" else \
             f"{100 * statistics.median(t / b - 1 for t, b in zip(ts, base)):+.0f} %"
         print(f"| {name} | {statistics.median(ts):.3f} | {over} |")
     print(f"\nbatch {args.batch_size} x {args.crop}x{args.crop}, {args.labels}, {args.rounds} interleaved rounds, "
-          f"{args.threads} thread(s), torch {torch.__version__}")
+          f"{args.threads} thread(s), {args.clock} time, torch {torch.__version__}")
 
 
 def table(args) -> None:
@@ -108,6 +111,8 @@ def main(argv=None) -> None:
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--batch-size", type=int, default=4)
     s.add_argument("--losses", nargs="+", default=["pce", "apro", "treeenergy"])
+    s.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or this process's CPU time (steadier on a loaded machine; one thread)")
     s.add_argument("--labels", default="points")
     t = sub.add_parser("table", help="train and score every run of the table")
     t.add_argument("--labels", nargs="+", default=["points", "scribbles"])

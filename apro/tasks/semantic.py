@@ -84,7 +84,7 @@ class SemanticConfig(EngineConfig):
     local_weight: float = 0.2
     zeta_g: float = 0.01
     zeta_gh: Optional[float] = 0.07
-    zeta_f: float = 0.5  # the decoder features' scale (zeta_f^2 ~ 90th percentile of their MST edges)
+    zeta_f: float = 0.5  # the decoder features' scale (zeta_f^2 ~ 75th-90th percentile of their MST edges)
     zeta_s: float = 0.15
     kernel_size: int = 5
     lp_iterations: int = 20
