@@ -435,31 +435,28 @@ def local_iterate(values, weights, radius, iterations, mask):
 
     ``values``: ``(C, H, W)``; ``weights``: ``(K*K, H, W)`` normalised affinities shared by
     the planes; ``mask``: ``(C, H, W)``, applied before the first step and after every step.
+    One output row at a time, summing the K*K shifted rows in offset order (the loop over x
+    vectorises and the rows stay in cache).
     """
     planes, h, w = values.shape
     k = 2 * radius + 1
+    kk = k * k
     out = np.empty_like(values)
-    wt = weights
     for p in range(planes):
         cur = np.zeros((h + 2 * radius, w + 2 * radius), dtype=values.dtype)
-        for y in range(h):
-            for x in range(w):
-                cur[y + radius, x + radius] = values[p, y, x] * mask[p, y, x]
+        cur[radius:radius + h, radius:radius + w] = values[p] * mask[p]
         nxt = np.empty((h, w), dtype=values.dtype)
         for _ in range(iterations):
-            nxt[:, :] = 0
-            for s in range(k * k):
-                dy = s // k
-                dx = s % k
-                for y in range(h):
-                    for x in range(w):
-                        nxt[y, x] += wt[s, y, x] * cur[y + dy, x + dx]
             for y in range(h):
-                for x in range(w):
-                    cur[y + radius, x + radius] = nxt[y, x] * mask[p, y, x]
-        for y in range(h):
-            for x in range(w):
-                out[p, y, x] = cur[y + radius, x + radius]
+                acc = nxt[y]
+                acc[:] = 0
+                for s in range(kk):
+                    wrow = weights[s, y]
+                    crow = cur[y + s // k, s % k:s % k + w]
+                    for x in range(w):
+                        acc[x] += wrow[x] * crow[x]
+            cur[radius:radius + h, radius:radius + w] = nxt * mask[p]
+        out[p] = cur[radius:radius + h, radius:radius + w]
     return out
 
 
