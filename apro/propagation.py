@@ -376,6 +376,41 @@ def _identical_entries(image: torch.Tensor, mask: torch.Tensor) -> list:
     return groups
 
 
+class _WeightCache:
+    """The LP window weights of the last few small guides, keyed by their content.
+
+    A per-image fit (``apro refine``) runs LP on the same guide at every step; its weights
+    (one exp per pixel and offset) cost as much as the 20 propagation steps. Entries are
+    found by a hash of the guide's bytes and confirmed by comparing the stored guide, so a
+    hit is exact. Guides above ``max_pixels`` (full-resolution LP) are not kept.
+    """
+
+    def __init__(self, size: int = 8, max_pixels: int = 128 * 128):
+        self.size, self.max_pixels = size, max_pixels
+        self._entries: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, guide: np.ndarray, radius: int, inv_zeta2: float) -> np.ndarray:
+        if guide.shape[-2] * guide.shape[-1] > self.max_pixels:
+            return _kernels.local_weights(guide, radius, inv_zeta2)
+        key = (hash(guide.tobytes()), guide.shape, guide.dtype.str, radius, inv_zeta2)
+        with self._lock:
+            hit = self._entries.pop(key, None)
+            if hit is not None:
+                self._entries[key] = hit  # most recently used last
+        if hit is not None and np.array_equal(hit[0], guide):
+            return hit[1]
+        weights = _kernels.local_weights(guide, radius, inv_zeta2)
+        with self._lock:
+            self._entries[key] = (guide.copy(), weights)
+            while len(self._entries) > self.size:
+                self._entries.pop(next(iter(self._entries)))
+        return weights
+
+
+_LP_WEIGHTS = _WeightCache()
+
+
 def _lp_image(values, image, mask, radius, zeta, iterations, out):
     """LP of one image on the CPU, restricted to the mask's bounding box grown by ``radius``.
 
@@ -391,7 +426,7 @@ def _lp_image(values, image, mask, radius, zeta, iterations, out):
     y0, y1 = max(0, rows[0] - radius), min(h, rows[-1] + radius + 1)
     x0, x1 = max(0, cols[0] - radius), min(w, cols[-1] + radius + 1)
     crop = (slice(None), slice(y0, y1), slice(x0, x1))
-    weights = _kernels.local_weights(np.ascontiguousarray(image[crop]), radius, 1.0 / zeta**2)
+    weights = _LP_WEIGHTS.get(np.ascontiguousarray(image[crop]), radius, 1.0 / zeta**2)
     out[crop] = _kernels.local_iterate(
         np.ascontiguousarray(values[crop]), weights, radius, iterations, np.ascontiguousarray(mask[crop])
     )

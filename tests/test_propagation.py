@@ -216,6 +216,28 @@ def test_lp_entries_sharing_guide_and_mask_are_grouped_exactly():
         assert torch.equal(out[i:i + 1], alone), i
 
 
+def test_lp_weight_cache_is_exact_and_follows_the_guide():
+    from apro.propagation import _WeightCache
+
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(1, 3, 12, 10, generator=g)
+    values = torch.rand(1, 2, 12, 10, generator=g)
+    reference = lambda img: _local_iterate_torch(values, _local_affinity_torch(img, 5, 0.3), 2, 4,  # noqa: E731
+                                                 torch.ones(1, 1, 12, 10))
+    first = apro.local_propagation(values, image, 5, 0.3, 4)
+    assert torch.equal(apro.local_propagation(values, image, 5, 0.3, 4), first)  # a cache hit
+    torch.testing.assert_close(first, reference(image))
+    changed = image.clone()
+    changed[0, 1, 5, 4] += 0.25  # same shape, one pixel differs: must not reuse the weights
+    torch.testing.assert_close(apro.local_propagation(values, changed, 5, 0.3, 4), reference(changed))
+    cache = _WeightCache(size=2)
+    guides = [np.random.default_rng(i).random((3, 6, 7)).astype(np.float32) for i in range(3)]
+    for guide in guides:
+        cache.get(guide, 1, 4.0)
+    assert len(cache._entries) == 2  # least recently used dropped
+    np.testing.assert_array_equal(cache.get(guides[0], 1, 4.0), cache.get(guides[0].copy(), 1, 4.0))
+
+
 def test_lp_torch_path_matches_kernel_path():
     g = torch.Generator().manual_seed(6)
     image = torch.rand(2, 3, 11, 13, generator=g)
