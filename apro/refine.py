@@ -458,7 +458,7 @@ def refine_sparse(
         if loss is not None:
             return loss(logits, small_labels, small, tree)
         if apro_variant is not None and zeta_g is not None:
-            return balanced_partial_cross_entropy(logits, small_labels, balance) + losses.apro_sparse_loss(
+            return losses.partial_cross_entropy(logits, small_labels, balance=balance) + losses.apro_sparse_loss(
                 logits, small_labels, small, variant=apro_variant, zeta_g=zeta_g, tree=tree)
         return losses.SPARSE_LOSSES[loss_name](logits, small_labels, small, tree=tree)
 
@@ -476,24 +476,6 @@ def refine_sparse(
     if settings.connected:
         prob = _keep_labelled_parts(prob, labels)
     return prob
-
-
-def balanced_partial_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, balance: float = 1.0) -> torch.Tensor:
-    """Partial cross-entropy over labelled pixels with a class-c pixel weighted ``n_c ** -balance``
-    (``n_c``: labelled pixels of class c in the batch), normalised by the total weight.
-
-    ``balance=0`` is :func:`apro.losses.partial_cross_entropy`; ``balance=1`` averages the
-    per-class means, so a few object clicks weigh as much as long background strokes.
-    ``logits`` ``(B, K, H, W)``, ``labels`` ``(B, H, W)`` int64 with 255 unlabeled.
-    """
-    if balance == 0:
-        return _losses().partial_cross_entropy(logits, labels)
-    labels = labels.to(device=logits.device, dtype=torch.long)
-    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
-    onehot = F.one_hot(labels.clamp_max(logits.shape[1]), logits.shape[1] + 1)[..., : logits.shape[1]]
-    counts = onehot.flatten(0, -2).sum(0).to(ce.dtype)
-    weight = (onehot.to(ce.dtype) * counts.clamp_min(1).pow(-float(balance))).sum(-1)
-    return (ce * weight).sum() / weight.sum().clamp_min(torch.finfo(ce.dtype).tiny)
 
 
 def _keep_labelled_parts(prob: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

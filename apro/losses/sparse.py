@@ -27,8 +27,15 @@ from ._inputs import (
 from .box import VARIANTS, two_stage_gp
 
 
-def partial_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def partial_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, balance: float = 0.0
+) -> torch.Tensor:
     """Cross-entropy averaged over labeled pixels only (the ground-truth term ``L_g``).
+
+    ``balance`` in [0, 1] weighs a class-c pixel by ``n_c ** -balance`` (``n_c``: labeled
+    pixels of class c in the batch), normalised by the total weight: 0 is the plain mean,
+    1 averages the per-class means (a few object clicks weigh as much as long background
+    strokes; used by ``apro refine``).
 
     Args:
         logits: ``(B, K, H, W)``; labels: ``(B, H, W)`` int64, ``ignore_index`` where unlabeled.
@@ -37,10 +44,18 @@ def partial_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
         Scalar tensor; 0 (still backpropagating) when no pixel is labeled.
     """
     check_sparse_inputs(logits, labels, None, ignore_index)
+    if not 0 <= float(balance) <= 1:
+        raise ValueError(f"balance must be in [0, 1], got {balance!r}")
     labels = labels.to(device=logits.device, dtype=torch.long)
     per_pixel = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
-    count = (labels != ignore_index).sum().clamp_min(1)
-    return per_pixel.sum() / count
+    if balance == 0:
+        count = (labels != ignore_index).sum().clamp_min(1)
+        return per_pixel.sum() / count
+    k = logits.shape[1]
+    onehot = F.one_hot(torch.where(labels == ignore_index, k, labels), k + 1)[..., :k].to(per_pixel.dtype)
+    counts = onehot.flatten(0, -2).sum(0)
+    weight = (onehot * counts.clamp_min(1).pow(-float(balance))).sum(-1)
+    return (per_pixel * weight).sum() / weight.sum().clamp_min(torch.finfo(per_pixel.dtype).tiny)
 
 
 def _apro_sparse_terms(
@@ -138,15 +153,15 @@ def apro_sparse_loss(
 class PartialCrossEntropy(nn.Module):
     """Module form of :func:`partial_cross_entropy`: ``forward(logits, labels)``."""
 
-    def __init__(self, ignore_index: int = 255):
+    def __init__(self, ignore_index: int = 255, balance: float = 0.0):
         super().__init__()
-        self.ignore_index = ignore_index
+        self.ignore_index, self.balance = ignore_index, balance
 
     def forward(self, logits, labels):
-        return partial_cross_entropy(logits, labels, self.ignore_index)
+        return partial_cross_entropy(logits, labels, self.ignore_index, self.balance)
 
     def extra_repr(self) -> str:
-        return f"ignore_index={self.ignore_index}"
+        return f"ignore_index={self.ignore_index}, balance={self.balance}"
 
 
 class APRoSparseLoss(nn.Module):
