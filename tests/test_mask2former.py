@@ -270,6 +270,32 @@ def test_batch_without_boxes_gives_a_zero_mask_loss_that_backpropagates():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_cached_backbone_gives_the_same_losses_and_computes_each_image_once(monkeypatch):
+    """With ``cache_backbone`` the backbone runs once per (image, size, flip) in training, the
+    losses match the uncached model's (float16 features), and inference never reads the cache."""
+    cached = _tiny(frozen_stages=4, cache_backbone=True).train()
+    plain = _tiny(frozen_stages=4).train()
+    plain.load_state_dict(cached.state_dict())
+    images, targets = _batch()
+    for i, t in enumerate(targets):
+        t.update(image_id=i, size=(64, 64), flipped=False)
+    calls = []
+    forward = cached.backbone.forward
+    monkeypatch.setattr(cached.backbone, "forward", lambda x: calls.append(tuple(x.shape)) or forward(x))
+    first = float(cached(images, targets=targets)["loss"].detach())
+    second = float(cached(images, targets=targets)["loss"].detach())
+    assert calls == [(1, 3, 64, 64), (1, 3, 64, 64)] and len(cached._feature_cache) == 2
+    expected = float(plain(images, targets=targets)["loss"].detach())
+    assert first == second and abs(first - expected) < 0.02 * expected
+    cached.eval()
+    cached(images)
+    assert calls[-1] == (2, 3, 64, 64)  # inference ran the backbone on the batch
+    with pytest.raises(ValueError, match="frozen_stages=4"):
+        _tiny(cache_backbone=True)
+    with pytest.raises(ValueError, match="image_id"):
+        cached.train()(images, targets=_batch()[1])
+
+
 def test_inference_returns_masks_labels_scores_cut_to_valid():
     model = _tiny().eval()
     images, _ = _batch()

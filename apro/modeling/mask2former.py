@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from ..losses import BOX_MASK_LOSSES, box_mask_loss, tree_guide
 from ..tree import minimum_spanning_tree
+from ._feature_cache import cached_backbone_features, check_cacheable
 from ._inputs import check_forward_inputs
 from .backbones import build_backbone
 from .fpn import FPN
@@ -206,6 +207,9 @@ class Mask2Former(nn.Module):
             the same as ``frozen_stages=4``.
         frozen_stages: backbone stem + that many stages (0..4) get no gradient
             (:func:`apro.modeling.backbones.freeze_stages`); None keeps the backbone's default.
+        cache_backbone: with the whole backbone frozen, reuse each training image's backbone
+            features (as :class:`~apro.modeling.SOLOv2`'s option of that name: float16, in memory,
+            keyed by the target's ``image_id``, ``size`` and ``flipped``; not used at inference).
 
     The defaults are a small CPU configuration.
     """
@@ -220,7 +224,8 @@ class Mask2Former(nn.Module):
                  zeta_gh: float = 0.03, zeta_s: float = 0.15, lp_kernel_size: int = 5, lp_iterations: int = 20,
                  global_weight: float = 2.0, local_weight: float = 1.0, normalization: str = "total",
                  mask_threshold: float = 0.5, max_detections: int = 50, score_threshold: float = 0.0,
-                 freeze_backbone: bool = False, frozen_stages: int | None = None):
+                 freeze_backbone: bool = False, frozen_stages: int | None = None,
+                 cache_backbone: bool = False):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
@@ -263,6 +268,8 @@ class Mask2Former(nn.Module):
             frozen_stages = 4
         self.backbone = build_backbone(backbone, pretrained=pretrained, weights=backbone_weights,
                                        frozen_stages=frozen_stages)
+        self.cache_backbone = check_cacheable(self.backbone, cache_backbone, frozen_stages)
+        self._feature_cache: dict = {}
         self.register_buffer("pixel_mean", torch.tensor(self.backbone.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.backbone.pixel_std).view(1, 3, 1, 1), persistent=False)
         self._first_level = {4: 0, 8: 1}[mask_stride]
@@ -293,19 +300,26 @@ class Mask2Former(nn.Module):
         """
         valid = check_forward_inputs(images, valid, targets)
         batch, _, height, width = images.shape
-        predictions, mask_features = self.predict_sets(images)
+        predictions, mask_features = self.predict_sets(images, targets if self.training else None)
         if targets is not None:
             return self._losses(images, predictions, mask_features, targets)
         return self._inference(predictions[-1], (height, width), valid)
 
-    def predict_sets(self, images: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    def predict_sets(self, images: torch.Tensor, targets: list[dict] | None = None
+                     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Class and mask logits before the first decoder layer and after each one.
+
+        ``targets`` (training only) key the backbone feature cache when ``cache_backbone`` is set.
 
         Returns ``([(class_logits (B, Q, C + 1), mask_logits (B, Q, H / s, W / s))] * (L + 1),
         mask_features (B, mask_dim, H / s, W / s))``.
         """
         x = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
-        features = self.backbone(x)[self._first_level:]
+        if self.cache_backbone and targets is not None:
+            features = cached_backbone_features(self.backbone, x, targets, self._feature_cache)
+        else:
+            features = self.backbone(x)
+        features = features[self._first_level:]
         mask_features, levels = self.pixel_decoder(features)
         used = min(len(self.layers), NUM_FEATURE_LEVELS)
         if used < len(levels):  # levels no layer reads stay in the graph (DDP needs every gradient)

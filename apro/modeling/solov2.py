@@ -20,7 +20,8 @@ from torch.nn import functional as F
 from ..losses import BOX_MASK_LOSSES, PROJECTION_WEIGHT, box_mask_loss, box_projection_loss, tree_guide
 from ..tree import minimum_spanning_tree
 from ._inputs import check_forward_inputs
-from .backbones import STRIDES, build_backbone
+from ._feature_cache import cached_backbone_features, check_cacheable
+from .backbones import build_backbone
 from .fpn import FPN
 
 # Mask losses whose pairwise term runs on a minimum spanning tree of the image: the tree is
@@ -420,10 +421,7 @@ class SOLOv2(nn.Module):
 
         self.backbone = build_backbone(backbone, pretrained=pretrained, weights=backbone_weights,
                                        frozen_stages=frozen_stages)
-        if cache_backbone and getattr(self.backbone, "frozen_stages", None) != 4:
-            raise ValueError("cache_backbone=True needs the whole backbone frozen (frozen_stages=4), "
-                             f"got frozen_stages={frozen_stages!r}")
-        self.cache_backbone = bool(cache_backbone)
+        self.cache_backbone = check_cacheable(self.backbone, cache_backbone, frozen_stages)
         self._feature_cache: dict = {}
         self.register_buffer("pixel_mean", torch.tensor(self.backbone.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.backbone.pixel_std).view(1, 3, 1, 1), persistent=False)
@@ -475,30 +473,7 @@ class SOLOv2(nn.Module):
 
     def _cached_features(self, x: torch.Tensor, targets) -> list[torch.Tensor]:
         """Backbone features of the batch ``x`` from the per-image cache (see ``cache_backbone``)."""
-        per_image = []
-        for b, target in enumerate(targets):
-            try:
-                key = (int(target["image_id"]), tuple(int(v) for v in target["size"]), bool(target.get("flipped", False)))
-            except (KeyError, TypeError) as err:
-                raise ValueError(f"cache_backbone needs targets[{b}] to hold 'image_id' and 'size' "
-                                 f"(as apro.data.CocoBoxDataset items do): {err}") from None
-            cached = self._feature_cache.get(key)
-            if cached is None:
-                h = -(-key[1][0] // 32) * 32
-                w = -(-key[1][1] // 32) * 32
-                with torch.no_grad():
-                    cached = [f.to(torch.float16) for f in self.backbone(x[b:b + 1, :, :h, :w])]
-                self._feature_cache[key] = cached
-            per_image.append(cached)
-        out = []
-        for level in range(len(per_image[0])):
-            size = [-(-x.shape[-2] // STRIDES[level]), -(-x.shape[-1] // STRIDES[level])]
-            batch = x.new_zeros((x.shape[0], per_image[0][level].shape[1], *size))
-            for b, feats in enumerate(per_image):
-                f = feats[level]
-                batch[b, :, :f.shape[-2], :f.shape[-1]] = f[0].to(x.dtype)
-            out.append(batch)
-        return out
+        return cached_backbone_features(self.backbone, x, targets, self._feature_cache)
 
     # -- training -------------------------------------------------------------------------------
     def _losses(self, images, categories, kernels, mask_features, targets):
