@@ -197,6 +197,30 @@ def test_pairwise_loss_hand_computed():
     assert float(pairwise_loss(logits, box, image, weight=2.5)) == pytest.approx(2.5 * expected, abs=1e-10)
 
 
+def test_pairwise_loss_with_repeated_images_equals_the_per_instance_loss():
+    """Consecutive instances of one image share one colour similarity: the loss is the same as
+    with every instance's similarity computed on its own, in any order of the images."""
+    from torch.nn import functional as F
+
+    from apro.losses.pairwise import _neighbours, _shared_color_similarity
+
+    g = torch.Generator().manual_seed(0)
+    images = 0.4 + 0.03 * torch.rand(3, 3, 12, 14, generator=g, dtype=torch.float64)  # similar colours
+    order = torch.tensor([0, 0, 0, 1, 2, 2, 0, 1, 1])
+    image = images[order]
+    logits = torch.randn(len(order), 1, 12, 14, generator=g, dtype=torch.float64)
+    box = (torch.rand(len(order), 1, 12, 14, generator=g) > 0.3).to(torch.float64)
+    shared = _shared_color_similarity(image)
+    alone = torch.cat([color_similarity(image[i:i + 1]) for i in range(len(order))])
+    assert torch.allclose(shared, alone, rtol=0, atol=1e-12)
+    weights = (alone >= 0.3).to(torch.float64) * box
+    log_p, log_q = F.logsigmoid(logits), F.logsigmoid(-logits)
+    same = torch.logaddexp(log_p.unsqueeze(2) + _neighbours(log_p), log_q.unsqueeze(2) + _neighbours(log_q))[:, 0]
+    assert 0.05 < float(weights.mean()) < 0.9  # some pairs count, not all
+    expected = float((-same * weights).sum() / weights.sum())
+    assert float(pairwise_loss(logits, box, image)) == pytest.approx(expected, rel=1e-12)
+
+
 def test_color_similarity_is_exp_of_half_lab_distance():
     a, b = (0.5, 0.4, 0.3), (0.505, 0.402, 0.306)
     image = rgb_row(a, (0.0, 0.0, 0.0), b)

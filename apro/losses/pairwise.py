@@ -36,6 +36,22 @@ def color_similarity(image: torch.Tensor) -> torch.Tensor:
     return sim * inside
 
 
+def _shared_color_similarity(image: torch.Tensor) -> torch.Tensor:
+    """:func:`color_similarity` of ``image`` computed once per run of equal consecutive entries.
+
+    The instances of one image come in a row (a SOLOv2 batch has tens of positives per image),
+    and the similarity of a repeated image is the same; comparing neighbours is one cheap pass.
+    """
+    if image.shape[0] < 2:
+        return color_similarity(image)
+    repeats = (image[1:] == image[:-1]).flatten(1).all(1)
+    if not bool(repeats.any()):
+        return color_similarity(image)
+    heads = torch.cat([repeats.new_ones(1), ~repeats])
+    run = torch.cumsum(heads.long(), 0) - 1
+    return color_similarity(image[heads])[run]
+
+
 def pairwise_loss(
     logits: torch.Tensor,
     box_mask: torch.Tensor,
@@ -73,7 +89,7 @@ def pairwise_loss(
     log_same = torch.logaddexp(
         log_fg.unsqueeze(2) + _neighbours(log_fg), log_bg.unsqueeze(2) + _neighbours(log_bg)
     )[:, 0]
-    pair_weight = (color_similarity(image) >= threshold).to(logits.dtype) * box_mask.to(logits.dtype)
+    pair_weight = (_shared_color_similarity(image) >= threshold).to(logits.dtype) * box_mask.to(logits.dtype)
     return weight * (-log_same * pair_weight).sum() / pair_weight.sum().clamp_min(1.0)
 
 
