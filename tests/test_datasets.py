@@ -172,6 +172,24 @@ def test_augmentation_is_seeded(synth):
     assert torch.equal(ds[3]["image"], ds[3]["image"])  # same item twice: same augmentation
 
 
+def test_image_cache_gives_the_same_items_and_reads_each_size_once(synth, monkeypatch):
+    cached = CocoBoxDataset(synth.image_dir, synth.train_ann, short_sides=(48, 64), seed=3, cache_images=True)
+    plain = CocoBoxDataset(synth.image_dir, synth.train_ann, short_sides=(48, 64), seed=3)
+    reads = []
+    load = cached.load_image
+    monkeypatch.setattr(cached, "load_image", lambda i: reads.append(i) or load(i))
+    seen = set()
+    for epoch in range(4):
+        cached.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        for i in range(len(cached)):
+            a, b = cached[i], plain[i]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["boxes"], b["boxes"])
+            assert a["flipped"] == b["flipped"] and a["size"] == b["size"]
+            seen.add((i, a["size"]))
+    assert len(reads) == len(seen) < 4 * len(cached)  # one decode per (item, size), flips included
+
+
 def test_eval_mode_uses_largest_short_side_and_no_flip(synth):
     ds = CocoBoxDataset(synth.image_dir, synth.train_ann, train=False, short_sides=(32, 96), max_size=1000)
     for i in range(len(ds)):

@@ -129,6 +129,9 @@ class CocoBoxDataset(torch.utils.data.Dataset):
         seed: the augmentation of item ``i`` in epoch ``e`` depends only on ``(seed, e, i)``,
             so it is the same in any worker process; call :meth:`set_epoch` once per epoch.
         check_files: check at construction that every image file exists.
+        cache_images: keep each resized image (uint8, in memory, keyed by item and size) and
+            reuse it when the item comes again at that size: decoding and resizing are about
+            a tenth of a training step with a cached frozen backbone. Items are unchanged.
 
     Each item is a dict: ``image`` float32 (3, H, W) RGB in [0, 1] (resized); ``boxes``
     float32 (K, 4) xyxy in pixels of the resized image; ``labels`` int64 (K,) contiguous in
@@ -153,6 +156,7 @@ class CocoBoxDataset(torch.utils.data.Dataset):
         flip: bool = True,
         seed: int = 0,
         check_files: bool = True,
+        cache_images: bool = False,
     ):
         self.image_dir = os.fspath(image_dir)
         self.ann_file = os.fspath(ann_file)
@@ -172,6 +176,8 @@ class CocoBoxDataset(torch.utils.data.Dataset):
         self.flip = bool(flip)
         self.seed = seed
         self.epoch = 0
+        self.cache_images = bool(cache_images)
+        self._image_cache: dict = {}
 
         data = load_coco_json(self.ann_file)
         self.category_ids = sorted(c["id"] for c in data["categories"])
@@ -291,7 +297,6 @@ class CocoBoxDataset(torch.utils.data.Dataset):
         if not 0 <= index < len(self.images):
             raise IndexError(f"index {index} out of range for a dataset of {len(self.images)} images")
         info = self.images[index]
-        img = self.load_image(index)
         h, w = info["height"], info["width"]
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -300,9 +305,15 @@ class CocoBoxDataset(torch.utils.data.Dataset):
         else:
             short_side, flip = max(self.short_sides), False
         nh, nw, scale = _resized_size(h, w, short_side, self.max_size)
-        if (nh, nw) != (h, w):
-            img = img.resize((nw, nh), Image.BILINEAR)
-        image = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+        pixels = self._image_cache.get((index, nh, nw))
+        if pixels is None:
+            img = self.load_image(index)
+            if (nh, nw) != (h, w):
+                img = img.resize((nw, nh), Image.BILINEAR)
+            pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+            if self.cache_images:
+                self._image_cache[(index, nh, nw)] = pixels
+        image = pixels.float().div_(255.0)
 
         boxes = torch.tensor(info["boxes"], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 0::2] *= nw / w

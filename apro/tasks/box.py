@@ -119,12 +119,17 @@ def build_model(config: BoxConfig, num_classes: int) -> nn.Module:
 
 
 def build_train_dataset(config: BoxConfig):
-    """The training :class:`apro.data.CocoBoxDataset` described by ``config``."""
+    """The training :class:`apro.data.CocoBoxDataset` described by ``config``.
+
+    With ``cache_backbone`` (items must then be a function of image, size and flip anyway)
+    the dataset also keeps its resized images.
+    """
     from ..data import CocoBoxDataset
 
     return CocoBoxDataset(
         config.data, config.ann, train=True, short_sides=config.short_sides,
         max_size=config.max_size, flip=config.flip, seed=config.seed,
+        cache_images=bool(config.model_options.get("cache_backbone", False)),
     )
 
 
