@@ -30,10 +30,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 # The CPU recipe (docs/mask2former.md): frozen ImageNet EfficientNet-Lite0, 64-wide head.
-# Recipe C of the docs (= configs/pennfudan_mask2former.json); recipe B: --steps 400 --batch-size 2
-# (it ran without the feature cache); recipe A: B with --lr 5e-4 --queries 50.
+# Recipe D of the docs (= configs/pennfudan_mask2former.json); recipe C is D without the mask
+# head's coordinate channels (coord_features=False); recipe B: C with --steps 400 --batch-size 2
+# and no feature cache; recipe A: B with --lr 5e-4 --queries 50.
 MODEL = dict(hidden_dim=64, num_queries=25, num_heads=4, feedforward_dim=256, decoder_layers=3, mask_dim=64,
-             mask_stride=4, gp_size=96, zeta_gl=0.025, zeta_gh=0.03, frozen_stages=4, cache_backbone=True)
+             mask_stride=4, gp_size=96, zeta_gl=0.025, zeta_gh=0.03, frozen_stages=4, cache_backbone=True,
+             coord_features=True)
 RECIPE = dict(short_sides=(224, 256), max_size=416, test_short_side=256, steps=2000, batch_size=4,
               optimizer="adamw", lr=1e-3, weight_decay=0.05, schedule="cosine", warmup_steps=30, grad_clip=1.0,
               checkpoint_every=100, keep_checkpoints=2, amp=False)

@@ -270,6 +270,25 @@ def test_batch_without_boxes_gives_a_zero_mask_loss_that_backpropagates():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_coordinate_channels_make_the_mask_embeddings_position_aware():
+    """On a constant image the FPN's interior features are the same everywhere, so without
+    coordinates every interior pixel gets one embedding; with them (the default) the
+    embeddings vary across the image, so a query can single out one of two lookalikes."""
+    from apro.modeling.mask2former import PixelDecoder
+
+    torch.manual_seed(0)
+    features = [torch.ones(1, c, 64 // s, 64 // s) for c, s in ((8, 4), (8, 8), (8, 16), (8, 32))]
+    interior = (slice(None), slice(None), slice(4, 12), slice(4, 12))
+    plain = PixelDecoder([8] * 4, 16, 8, coordinates=False)
+    with_xy = PixelDecoder([8] * 4, 16, 8)
+    assert with_xy.mask_head[0].in_channels == 18 and plain.mask_head[0].in_channels == 16
+    flat = plain(features)[0][interior]
+    assert float((flat - flat[..., :1, :1]).abs().max()) < 1e-5
+    varied = with_xy(features)[0][interior]
+    assert float((varied - varied[..., :1, :1]).abs().max()) > 1e-3
+    assert _tiny().pixel_decoder.coordinates and not _tiny(coord_features=False).pixel_decoder.coordinates
+
+
 def test_cached_backbone_gives_the_same_losses_and_computes_each_image_once(monkeypatch):
     """With ``cache_backbone`` the backbone runs once per (image, size, flip) in training, the
     losses match the uncached model's (float16 features), and inference never reads the cache."""

@@ -43,7 +43,7 @@ from ._inputs import check_forward_inputs
 from .backbones import build_backbone
 from .fpn import FPN
 from .matcher import HungarianMatcher
-from .solov2 import _check_boxes, box_masks
+from .solov2 import _check_boxes, _coordinates, box_masks
 
 # Losses whose pairwise term runs on the image's spanning tree: built once per image and step,
 # shared by every decoder layer and every instance of the image.
@@ -151,23 +151,34 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 
 class PixelDecoder(nn.Module):
     """FPN over backbone features (finest = mask stride); returns the per-pixel mask embeddings
-    ``(B, mask_dim, H / s, W / s)`` and the ``NUM_FEATURE_LEVELS`` coarsest FPN maps, coarsest first."""
+    ``(B, mask_dim, H / s, W / s)`` and the ``NUM_FEATURE_LEVELS`` coarsest FPN maps, coarsest first.
 
-    def __init__(self, in_channels: Sequence[int], channels: int, mask_dim: int):
+    ``coordinates``: the mask head also reads two channels of normalised x, y coordinates
+    (SOLOv2's CoordConv). Convolutions alone are translation-equivariant, so without them a
+    query's embedding matches every pixel that looks like its object, and one mask covers
+    several similar people; Mask2Former's deformable-attention encoder, which this FPN
+    replaces, makes its features position-aware through position encodings.
+    """
+
+    def __init__(self, in_channels: Sequence[int], channels: int, mask_dim: int, coordinates: bool = True):
         super().__init__()
         if len(in_channels) < NUM_FEATURE_LEVELS:
             raise ValueError(f"the pixel decoder needs >= {NUM_FEATURE_LEVELS} feature levels, got {len(in_channels)}")
+        self.coordinates = bool(coordinates)
         self.fpn = FPN(in_channels, channels, extra_levels=0)
         self.mask_head = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), _group_norm(channels), nn.ReLU(inplace=True),
-            nn.Conv2d(channels, mask_dim, 1))
+            nn.Conv2d(channels + 2 * self.coordinates, channels, 3, padding=1, bias=False), _group_norm(channels),
+            nn.ReLU(inplace=True), nn.Conv2d(channels, mask_dim, 1))
         for m in self.mask_head.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)
 
     def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         pyramid = self.fpn(features)
-        return self.mask_head(pyramid[0]), pyramid[::-1][:NUM_FEATURE_LEVELS]
+        finest = pyramid[0]
+        if self.coordinates:
+            finest = torch.cat([finest, _coordinates(finest)], 1)
+        return self.mask_head(finest), pyramid[::-1][:NUM_FEATURE_LEVELS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +218,8 @@ class Mask2Former(nn.Module):
             the same as ``frozen_stages=4``.
         frozen_stages: backbone stem + that many stages (0..4) get no gradient
             (:func:`apro.modeling.backbones.freeze_stages`); None keeps the backbone's default.
+        coord_features: give the mask head normalised x, y coordinate channels (default; see
+            :class:`PixelDecoder`). False is the plain FPN of checkpoints made before the option.
         cache_backbone: with the whole backbone frozen, reuse each training image's backbone
             features (as :class:`~apro.modeling.SOLOv2`'s option of that name: float16, in memory,
             keyed by the target's ``image_id``, ``size`` and ``flipped``; not used at inference).
@@ -225,7 +238,7 @@ class Mask2Former(nn.Module):
                  global_weight: float = 2.0, local_weight: float = 1.0, normalization: str = "total",
                  mask_threshold: float = 0.5, max_detections: int = 50, score_threshold: float = 0.0,
                  freeze_backbone: bool = False, frozen_stages: int | None = None,
-                 cache_backbone: bool = False):
+                 cache_backbone: bool = False, coord_features: bool = True):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
@@ -273,7 +286,8 @@ class Mask2Former(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(self.backbone.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.backbone.pixel_std).view(1, 3, 1, 1), persistent=False)
         self._first_level = {4: 0, 8: 1}[mask_stride]
-        self.pixel_decoder = PixelDecoder(self.backbone.out_channels[self._first_level:], hidden_dim, mask_dim)
+        self.pixel_decoder = PixelDecoder(self.backbone.out_channels[self._first_level:], hidden_dim, mask_dim,
+                                          coordinates=coord_features)
         self.level_embed = nn.Embedding(NUM_FEATURE_LEVELS, hidden_dim)
         self.query_feat = nn.Embedding(num_queries, hidden_dim)
         self.query_pos = nn.Embedding(num_queries, hidden_dim)
