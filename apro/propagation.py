@@ -206,8 +206,27 @@ def global_propagation(
 
     edges = tree.edges.numpy()
     weights = (tree.weights if embedding is None else tree_edge_weights(tree, embedding)).numpy()
+    if embedding is None and b > 1:
+        # Consecutive entries with the same tree (the instances of one image) share its merge
+        # tree: one sort and union-find, their channels propagated together.
+        starts = np.flatnonzero(_tree_run_heads(tree))
+        if starts.size < b:
+            stops = np.append(starts[1:], b)
+            c = planes.shape[1]
+            out = np.empty_like(planes)
+            for s, e in zip(starts, stops):
+                merges = _tree_merges(edges[s], weights[s], n)
+                out[s:e] = _propagate(lambda _: merges, planes[s:e].reshape(1, (e - s) * c, n), inv_zeta2,
+                                      num_workers).reshape(e - s, c, n)
+            return _to_output(out, values)
     merge_of = lambda i: _tree_merges(edges[i], weights[i], n)  # noqa: E731
     return _to_output(_propagate(merge_of, planes, inv_zeta2, num_workers), values)
+
+
+def _tree_run_heads(tree: SpanningTree) -> np.ndarray:
+    """``(B,)`` bool: entry i starts a run of equal consecutive trees (same edges and weights)."""
+    same = (tree.edges[1:] == tree.edges[:-1]).flatten(1).all(1) & (tree.weights[1:] == tree.weights[:-1]).all(1)
+    return np.concatenate([[True], ~same.numpy()])
 
 
 @torch.no_grad()

@@ -216,6 +216,27 @@ def test_lp_entries_sharing_guide_and_mask_are_grouped_exactly():
         assert torch.equal(out[i:i + 1], alone), i
 
 
+def test_gp_entries_with_one_tree_in_a_row_share_it_exactly():
+    """Consecutive entries with the same tree (the instances of one image) are propagated as
+    channels of one merge tree: the result equals one call per entry, bit for bit, for runs,
+    repeats that are not consecutive, several channels, and the embedding (second-stage) path."""
+    from apro.propagation import _tree_run_heads
+
+    g = torch.Generator().manual_seed(6)
+    trees = apro.minimum_spanning_tree(torch.rand(3, 3, 9, 11, generator=g))
+    index = torch.tensor([0, 0, 0, 1, 2, 2, 0, 1])
+    tree = trees.select(index)
+    assert _tree_run_heads(tree).tolist() == [True, False, False, True, True, False, True, True]
+    values = torch.rand(len(index), 2, 9, 11, generator=g)
+    for embedding in (None, values):
+        out = apro.global_propagation(values, tree, 0.3, embedding=embedding)
+        for i in range(len(index)):
+            one = tree.select(torch.tensor([i]))
+            alone = apro.global_propagation(values[i:i + 1], one, 0.3,
+                                            embedding=None if embedding is None else embedding[i:i + 1])
+            assert torch.equal(out[i:i + 1], alone), (i, embedding is None)
+
+
 def test_lp_weight_cache_is_exact_and_follows_the_guide():
     from apro.propagation import _WeightCache
 
