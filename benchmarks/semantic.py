@@ -8,6 +8,17 @@ the median step time per loss and the APro overhead as the median of per-round r
 ``apro / pce - 1``. One thread unless ``--threads``; ``--clock cpu`` times the process's CPU
 time instead of wall time, which other jobs on a loaded machine disturb less.
 
+``targets``: how good each propagation's pseudo label is, the offline measurement that chose
+``SemanticConfig.zeta_g`` / ``zeta_gh``. For trained checkpoints, on the held-out part of the
+training images (every 4th line of ``splits/train.txt``, the tuning split of docs/semantic.md;
+no val image), at the resolution the loss runs at (logits' grid, image average-pooled): the
+accuracy of ``argmax`` of the model's ``p`` and of each target ``y`` (GP on the image, one or
+two stages, at several scales; LP; TEL's low-level and low+high-level tree filters) against
+the dense ground truth on the pixels the loss applies to (unlabeled, not void), and the
+fractions of those pixels each target fixes and breaks. Example::
+
+    python benchmarks/semantic.py targets runs/semantic_long/points_pce_s0/checkpoint_00002000.pt --labels points
+
 ``table``: runs ``apro train semantic`` then ``apro eval semantic`` for every (labels, loss,
 seed) asked, one after another, and prints the markdown table of val mIoU. Example::
 
@@ -76,6 +87,80 @@ def step_cost(args) -> None:
           f"{args.threads} thread(s), {args.clock} time, torch {torch.__version__}")
 
 
+def _tuning_val_split(data) -> str:
+    """Every 4th line of ``splits/train.txt`` written to a temporary list file (its path)."""
+    import tempfile
+
+    with open(os.path.join(data, "splits", "train.txt")) as f:
+        names = [line.strip() for line in f if line.strip()]
+    fd, path = tempfile.mkstemp(suffix=".txt", prefix="tune_val_")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(names[3::4]) + "\n")
+    return path
+
+
+@torch.no_grad()
+def targets(args) -> None:
+    import torch.nn.functional as F
+
+    from apro.data.augmentation import resize_long_side
+    from apro.data.voc import VocSegmentation
+    from apro.losses._inputs import normalized_guide, raw_guide
+    from apro.losses.box import two_stage_gp
+    from apro.propagation import global_propagation, local_propagation, tree_filter
+    from apro.tasks.semantic import load_trained_model
+    from apro.tree import minimum_spanning_tree
+
+    torch.set_num_threads(args.threads)
+    split = args.split or _tuning_val_split(args.data)
+    split_desc = args.split or "every 4th line of splits/train.txt"
+    sparse = VocSegmentation(args.data, split, labels=args.labels)
+    dense = VocSegmentation(args.data, split, labels="gt")
+    for ckpt in args.checkpoints:
+        model, config, _ = load_trained_model(ckpt)
+        stats: dict = {}
+        total = 0
+        for i in range(len(sparse)):
+            item, gt_item = sparse[i], dense[i]
+            image, _ = resize_long_side(item["image"], [], config.long_side or max(item["image"].shape[-2:]))
+            h, w = image.shape[-2:]
+            padded = F.pad(image, (0, -(-w // 32) * 32 - w, 0, -(-h // 32) * 32 - h))[None]
+            out = model(padded)
+            hh, ww = h // 4, w // 4
+            p = out["logits"][..., :hh, :ww].softmax(1)
+            feats = out["features"][..., :hh, :ww]
+            small = F.adaptive_avg_pool2d(image[None], (hh, ww))
+            gt = F.interpolate(gt_item["gt"][None, None].float(), size=(hh, ww), mode="nearest")[0, 0].long()
+            lab = F.interpolate(item["label"][None, None].float(), size=(hh, ww), mode="nearest")[0, 0].long()
+            where = (gt != 255) & (lab == 255)
+            right = p.argmax(1)[0] == gt
+            guide = normalized_guide(small)
+            tree = minimum_spanning_tree(guide)
+            cands = {"p (no propagation)": p}
+            for zg in args.zeta_g:
+                cands[f"GP zeta_g {zg}"] = global_propagation(p, tree, zg)
+                for zgh in args.zeta_gh:
+                    cands[f"GP zeta_g {zg}, zeta_gh {zgh}"] = two_stage_gp(p, tree, zg, zgh)
+            cands["LP 5x5 zeta_s 0.15, 20 it."] = local_propagation(p, guide, 5, 0.15, 20)
+            low = tree_filter(p, minimum_spanning_tree(raw_guide(small)), config.sigma)
+            cands["TEL low-level tree"] = low
+            cands["TEL low + high-level trees"] = tree_filter(low, minimum_spanning_tree(feats), config.sigma_high)
+            for name, y in cands.items():
+                ok = y.argmax(1)[0] == gt
+                s = stats.setdefault(name, [0, 0, 0])
+                s[0] += int((ok & where).sum())
+                s[1] += int((ok & ~right & where).sum())
+                s[2] += int((~ok & right & where).sum())
+            total += int(where.sum())
+        print(f"\n{ckpt} ({args.labels}; {len(sparse)} images of {split_desc}; {total} unlabeled pixels with GT)\n")
+        print("| target | argmax accuracy (%) | fixed (%) | broken (%) |")
+        print("| --- | --- | --- | --- |")
+        for name, (ok, fixed, broken) in stats.items():
+            print(f"| {name} | {100 * ok / total:.2f} | {100 * fixed / total:.2f} | {100 * broken / total:.2f} |")
+    if not args.split:
+        os.unlink(split)
+
+
 def table(args) -> None:
     rows = []
     for labels in args.labels:
@@ -120,7 +205,14 @@ def main(argv=None) -> None:
     t.add_argument("--seeds", nargs="+", type=int, default=[0])
     t.add_argument("--steps", type=int, default=250)
     t.add_argument("--out", default="runs/semantic")
-    for p in (s, t):
+    g = sub.add_parser("targets", help="pseudo-label accuracy of each propagation on held-out training images")
+    g.add_argument("checkpoints", nargs="+", help="semantic-task checkpoints (.pt)")
+    g.add_argument("--labels", default="points", help="sparse labels that mark the pixels the loss applies to")
+    g.add_argument("--split", help="list of image names (default: every 4th line of splits/train.txt)")
+    g.add_argument("--zeta-g", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5])
+    g.add_argument("--zeta-gh", type=float, nargs="+", default=[0.07, 0.2])
+    g.add_argument("--threads", type=int, default=1)
+    for p in (s, t, g):
         p.add_argument("--data", default=None, help="voc-sparse directory (default $APRO_DATA/voc-sparse)")
         p.add_argument("--crop", type=int, default=192)
         p.add_argument("--long-side", type=int, default=256)
@@ -130,6 +222,9 @@ def main(argv=None) -> None:
             args = parser.parse_args(["step", *(argv or [])])
         args.data = args.data or default_data_root()
         step_cost(args)
+    elif args.mode == "targets":
+        args.data = args.data or default_data_root()
+        targets(args)
     else:
         table(args)
 
