@@ -125,6 +125,34 @@ def test_losses_have_the_terms_of_each_method():
     assert torch.allclose(tel["treeenergy"], terms_tel["treeenergy"])  # TEL keeps its high-level tree
 
 
+def test_default_gp_scale_spreads_within_regions_and_not_across():
+    """The default GP scales pool a prediction over a mildly textured region (a few grey levels of
+    noise) but not across a colour edge; the box heads' 0.01 / 0.07 leave it nearly unchanged."""
+    from apro.losses._inputs import normalized_guide
+    from apro.losses.box import two_stage_gp
+    from apro.tree import minimum_spanning_tree
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.empty(1, 3, 24, 24)
+    image[..., :12] = torch.tensor([0.2, 0.3, 0.4]).view(3, 1, 1)
+    image[..., 12:] = torch.tensor([0.8, 0.6, 0.2]).view(3, 1, 1)
+    image = (image + 0.01 * torch.randn(image.shape, generator=gen)).clamp(0, 1)
+    p = torch.softmax(2 * torch.randn(1, 5, 24, 24, generator=gen), 1)
+    p[:, 0, :, 12:] += 1.0  # the right half leans to class 0
+    p = p / p.sum(1, keepdim=True)
+    guide = normalized_guide(image)
+    tree = minimum_spanning_tree(guide)
+    cfg = SemanticConfig()
+    y = two_stage_gp(p, tree, cfg.zeta_g, cfg.zeta_gh)
+    old = two_stage_gp(p, tree, 0.01, 0.07)
+    for half in (slice(0, 12), slice(12, 24)):
+        spread_p = p[..., half].std((2, 3)).mean()
+        assert y[..., half].std((2, 3)).mean() < 0.5 * spread_p
+        assert old[..., half].std((2, 3)).mean() > 0.8 * spread_p
+    # no leak over the edge: the halves keep their own class-0 share
+    assert y[0, 0, :, 12:].mean() - y[0, 0, :, :12].mean() > 0.8 * (p[0, 0, :, 12:].mean() - p[0, 0, :, :12].mean())
+
+
 def test_tiny_run_learns(tmp_path):
     names = make_blocks(tmp_path / "data")
     torch.manual_seed(0)
