@@ -19,6 +19,13 @@ fractions of those pixels each target fixes and breaks. Example::
 
     python benchmarks/semantic.py targets runs/semantic_long/points_pce_s0/checkpoint_00002000.pt --labels points
 
+``grid``: a picture of the same val images (rows) with their sparse labels, the ground truth
+and each run's prediction (columns), classes in VOC colours over the photo::
+
+    python benchmarks/semantic.py grid pCE=runs/semantic_long/points_pce_s0 \
+        TEL=runs/semantic_long/points_treeenergy_s0 APro=runs/semantic_long/points_apro-z2_s0 \
+        --labels points --out docs/semantic_points_grid.png
+
 ``table``: runs ``apro train semantic`` then ``apro eval semantic`` for every (labels, loss,
 seed) asked, one after another, and prints the markdown table of val mIoU. Example::
 
@@ -161,6 +168,64 @@ def targets(args) -> None:
         os.unlink(split)
 
 
+@torch.no_grad()
+def grid(args) -> None:
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from apro.data.voc import VocSegmentation, voc_palette
+    from apro.tasks.semantic import load_trained_model, predict_image
+
+    torch.set_num_threads(args.threads)
+    runs = []
+    for spec in args.runs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"grid: runs are NAME=RUN_DIR_OR_CKPT, got {spec!r}")
+        runs.append((name, load_trained_model(path)))
+    sparse = VocSegmentation(args.data, args.split, labels=args.labels)
+    dense = VocSegmentation(args.data, args.split, labels="gt")
+    step = max(1, len(sparse) // args.images)
+    picks = [i * step for i in range(min(args.images, len(sparse)))]
+    colours = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)
+    height = args.cell
+    rows, titles = [], ["photo + " + args.labels, "ground truth"] + [name for name, _ in runs]
+    for i in picks:
+        item, gt_item = sparse[i], dense[i]
+        rgb = (item["image"].permute(1, 2, 0).numpy() * 255).astype(np.float32)
+
+        def tint(label, alpha=0.55, dots=False):
+            lab = np.asarray(label)
+            shown = lab != 255 if dots else (lab > 0) & (lab != 255)
+            out = np.where(shown[..., None], rgb * (1 - alpha) + colours[lab] * alpha, rgb)
+            if dots:  # clicks are single pixels: grow them so they show at cell size
+                grown = torch.nn.functional.max_pool2d(torch.from_numpy(shown.astype(np.float32))[None], 7, 1, 3)[0]
+                idx = torch.nn.functional.max_pool2d(torch.from_numpy(np.where(shown, lab, 0).astype(np.float32))[None],
+                                                     7, 1, 3)[0].long().numpy()
+                out = np.where(grown.numpy()[..., None] > 0, colours[idx], out)
+            return out
+
+        cells = [tint(item["label"], 1.0, dots=True), tint(gt_item["gt"])]
+        for _, (model, config, _) in runs:
+            cells.append(tint(predict_image(model, item["image"], config.long_side).numpy()))
+        h, w = rgb.shape[:2]
+        width = int(round(w * height / h))
+        rows.append([Image.fromarray(c.clip(0, 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
+                     for c in cells])
+    pad, head = 4, 18
+    col_w = [max(r[c].width for r in rows) for c in range(len(titles))]
+    canvas = Image.new("RGB", (sum(col_w) + pad * (len(col_w) + 1), head + len(rows) * (height + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = pad
+    for c, title in enumerate(titles):
+        draw.text((x, 3), title, fill="black")
+        for r, row in enumerate(rows):
+            canvas.paste(row[c], (x, head + pad + r * (height + pad)))
+        x += col_w[c] + pad
+    canvas.save(args.out)
+    print(f"wrote {args.out}: {len(rows)} {args.split} images x {len(titles)} columns")
+
+
 def table(args) -> None:
     rows = []
     for labels in args.labels:
@@ -212,7 +277,15 @@ def main(argv=None) -> None:
     g.add_argument("--zeta-g", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5])
     g.add_argument("--zeta-gh", type=float, nargs="+", default=[0.07, 0.2])
     g.add_argument("--threads", type=int, default=1)
-    for p in (s, t, g):
+    q = sub.add_parser("grid", help="picture: val images x (sparse labels, GT, each run's prediction)")
+    q.add_argument("runs", nargs="+", help="NAME=RUN_DIR_OR_CKPT, one column each")
+    q.add_argument("--labels", default="points", help="sparse labels drawn in the first column")
+    q.add_argument("--split", default="val")
+    q.add_argument("--images", type=int, default=5, help="rows (evenly spaced over the split)")
+    q.add_argument("--cell", type=int, default=160, help="row height in pixels")
+    q.add_argument("--out", required=True, help="PNG to write")
+    q.add_argument("--threads", type=int, default=1)
+    for p in (s, t, g, q):
         p.add_argument("--data", default=None, help="voc-sparse directory (default $APRO_DATA/voc-sparse)")
         p.add_argument("--crop", type=int, default=192)
         p.add_argument("--long-side", type=int, default=256)
@@ -222,6 +295,9 @@ def main(argv=None) -> None:
             args = parser.parse_args(["step", *(argv or [])])
         args.data = args.data or default_data_root()
         step_cost(args)
+    elif args.mode == "grid":
+        args.data = args.data or default_data_root()
+        grid(args)
     elif args.mode == "targets":
         args.data = args.data or default_data_root()
         targets(args)
