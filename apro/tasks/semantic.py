@@ -48,7 +48,7 @@ def default_data_root() -> str:
 class SemanticConfig(EngineConfig):
     """A semantic segmentation training run (engine fields plus data, model and loss).
 
-    Defaults are the CPU recipe of ``docs/semantic.md``: 500 steps of batch 4, 192 x 192 crops of
+    Defaults are the CPU recipe of ``docs/semantic.md``: 2000 steps of batch 4, 192 x 192 crops of
     images resized to a 256 long side, random scale 0.5-1.5, flip; the ImageNet backbone frozen
     and the decoder trained with AdamW lr 3e-3 (weight decay 1e-4), 20 warm-up steps, cosine
     decay. (Fine-tuning the whole network with SGD lr 0.01 or AdamW lr 5e-4 for 250 steps
@@ -91,7 +91,7 @@ class SemanticConfig(EngineConfig):
     kernel_size: int = 5
     lp_iterations: int = 20
 
-    steps: int = 500
+    steps: int = 2000
     batch_size: int = 4
     optimizer: str = "adamw"
     lr: float = 0.003
