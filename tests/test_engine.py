@@ -114,3 +114,33 @@ def test_the_task_registry_names_its_tasks_and_refuses_unknown_ones(tmp_path):
     engine.train(_config(tmp_path, steps=3), _RegressionTask(), progress=False)
     with pytest.raises(engine.CheckpointError, match="unknown task 'regression-test'"):
         load_trained_model(tmp_path / "run")
+
+
+def test_lr_multipliers_scale_the_groups_they_name_and_refuse_typos():
+    from apro.engine import build_optimizer, build_scheduler
+
+    net = nn.Sequential()
+    net.add_module("backbone", nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)))
+    net.add_module("head", nn.Linear(4, 1))
+    plain = build_optimizer(net, EngineConfig(lr=0.1, weight_decay=0.5))
+    assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in plain.param_groups] == [(2, 0.1, 0.5), (4, 0.1, 0.0)]
+    cfg = EngineConfig(lr=0.1, weight_decay=0.5, lr_multipliers={"backbone.": 0.1, "backbone.1.": 0.5},
+                       warmup_steps=0, schedule="cosine", steps=10).validate()
+    opt = build_optimizer(net, cfg)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    names = dict(net.named_parameters())
+    assert lr_of[id(names["head.weight"])] == pytest.approx(0.1)
+    assert lr_of[id(names["backbone.0.weight"])] == pytest.approx(0.01)
+    assert lr_of[id(names["backbone.1.weight"])] == pytest.approx(0.05)  # the longest prefix wins
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # the base rate first (what the log shows)
+    sched = build_scheduler(opt, cfg)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    ratios = {round(g["lr"] / base, 6) for g, base in zip(opt.param_groups, sched.base_lrs)}
+    assert len(ratios) == 1 and 0 < ratios.pop() < 1  # one schedule scales every group alike
+    with pytest.raises(ValueError, match="'bacbone.' match no trainable parameter"):
+        build_optimizer(net, EngineConfig(lr_multipliers={"bacbone.": 0.1}))
+    for bad in ({"backbone.": 0}, {"backbone.": float("nan")}, {"": 0.1}, ["backbone."]):
+        with pytest.raises(ValueError, match="lr_multipliers"):
+            EngineConfig(lr_multipliers=bad).validate()

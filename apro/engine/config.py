@@ -32,7 +32,9 @@ class EngineConfig:
     ``batch_size`` is per process: under ``torchrun`` the global batch is
     ``batch_size * world_size``. ``milestones`` are fractions of ``steps``; a resumed run keeps
     the schedule of its checkpoint (decay points on the first run's ``steps``) unless
-    :func:`apro.engine.train` is given ``extend_schedule=True``.
+    :func:`apro.engine.train` is given ``extend_schedule=True``. ``lr_multipliers`` maps a
+    parameter-name prefix to a factor on ``lr`` (e.g. ``{"backbone.": 0.1}`` trains a pretrained
+    backbone ten times slower than a fresh head); the longest matching prefix wins.
     """
 
     out: str = "runs/train"
@@ -49,6 +51,7 @@ class EngineConfig:
     warmup_steps: int = 500
     warmup_factor: float = 0.01
     grad_clip: Optional[float] = 35.0
+    lr_multipliers: dict = dataclasses.field(default_factory=dict)
 
     seed: int = 0
     num_workers: int = 0
@@ -77,6 +80,14 @@ class EngineConfig:
             raise ValueError(f"warmup_factor must be in (0, 1], got {self.warmup_factor!r}")
         if any(not 0 < m <= 1 for m in self.milestones):
             raise ValueError(f"milestones are fractions of the steps in (0, 1], got {self.milestones!r}")
+        if not isinstance(self.lr_multipliers, dict):
+            raise ValueError(f"lr_multipliers must be a mapping of parameter-name prefix to factor, "
+                             f"got {self.lr_multipliers!r}")
+        for prefix, factor in self.lr_multipliers.items():
+            if not isinstance(prefix, str) or not prefix:
+                raise ValueError(f"lr_multipliers keys are parameter-name prefixes (non-empty strings), got {prefix!r}")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (factor > 0 and math.isfinite(factor)):
+                raise ValueError(f"lr_multipliers[{prefix!r}] must be a finite number > 0, got {factor!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip!r}")
         return self

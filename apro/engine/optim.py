@@ -8,21 +8,38 @@ from torch import nn
 
 
 def build_optimizer(model: nn.Module, config) -> torch.optim.Optimizer:
-    """SGD with momentum or AdamW over the trainable parameters; no decay on norms and biases."""
-    decay, no_decay = [], []
+    """SGD with momentum or AdamW over the trainable parameters; no decay on norms and biases.
+
+    ``config.lr_multipliers`` (prefix -> factor, longest prefix wins) scales the learning rate of
+    the parameters whose names start with a prefix; a prefix matching no trainable parameter is
+    an error (a typo would otherwise train everything at the base rate).
+    """
+    multipliers = dict(getattr(config, "lr_multipliers", None) or {})
+    by_prefix = sorted(multipliers, key=len, reverse=True)
+    used = set()
+    groups: dict = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+        if not p.requires_grad:
+            continue
+        prefix = next((k for k in by_prefix if name.startswith(k)), None)
+        if prefix is not None:
+            used.add(prefix)
+        factor = float(multipliers[prefix]) if prefix is not None else 1.0
+        groups.setdefault((factor, p.ndim <= 1), []).append(p)
+    unused = sorted(set(multipliers) - used)
+    if unused:
+        raise ValueError(f"lr_multipliers: prefix(es) {', '.join(map(repr, unused))} match no trainable parameter "
+                         "(names look like 'backbone.blocks.0.conv.weight')")
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    # base-rate groups first, decayed before not decayed: without multipliers the groups (and so
+    # the optimizer state of older checkpoints) are what they always were
+    order = sorted(groups, key=lambda key: (key[0] != 1.0, key[0], key[1]))
+    param_groups = [{"params": groups[key], "weight_decay": 0.0 if key[1] else config.weight_decay,
+                     "lr": config.lr * key[0]} for key in order]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    return torch.optim.AdamW(groups, lr=config.lr)
+        return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum)
+    return torch.optim.AdamW(param_groups, lr=config.lr)
 
 
 class WarmupSchedule:
