@@ -375,7 +375,7 @@ def test_a_tiny_run_fits_its_boxes():
         opt.zero_grad()
         losses["loss"].backward()
         opt.step()
-        rows.append({k: float(v) for k, v in losses.items()})
+        rows.append({k: float(v.detach()) for k, v in losses.items()})
 
     def mean(key, part):
         return sum(r[key] for r in part) / len(part)
