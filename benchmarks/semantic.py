@@ -26,6 +26,13 @@ and each run's prediction (columns), classes in VOC colours over the photo::
         TEL=runs/semantic_long/points_treeenergy_s0 APro=runs/semantic_long/points_apro-z2_s0 \
         --labels points --out docs/semantic_points_grid.png
 
+``errors``: where each run's val errors go, from the confusion matrix ``apro eval semantic``
+wrote (``eval_val.json``): of the ground-truth object pixels, the share predicted as the right
+class, as another object class, and as background; of the background pixels, the share
+predicted as an object. Separates recognition (which object) from delineation (object or not)::
+
+    python benchmarks/semantic.py errors pCE=runs/semantic_long/points_pce_s1 APro=runs/semantic_long/points_apro_s1
+
 ``table``: runs ``apro train semantic`` then ``apro eval semantic`` for every (labels, loss,
 seed) asked, one after another, and prints the markdown table of val mIoU. Example::
 
@@ -226,6 +233,29 @@ def grid(args) -> None:
     print(f"wrote {args.out}: {len(rows)} {args.split} images x {len(titles)} columns")
 
 
+def errors(args) -> None:
+    print("| run | val mIoU | object px: right class | other object class | background | background px: as object |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for spec in args.runs:
+        name, _, path = spec.rpartition("=")
+        name = name or path
+        scores_path = os.path.join(path, "eval_val.json") if os.path.isdir(path) else path
+        if not os.path.exists(scores_path):
+            raise SystemExit(f"{scores_path} not found: run `apro eval semantic {path} --split val` first")
+        with open(scores_path) as f:
+            scores = json.load(f)
+        conf = torch.tensor(scores["confusion"], dtype=torch.float64)
+        obj = conf[1:].sum()
+        right = conf[1:, 1:].diagonal().sum()
+        as_bg = conf[1:, 0].sum()
+        other = obj - right - as_bg
+        bg = conf[0].sum()
+        bg_as_obj = bg - conf[0, 0]
+        pct = lambda a, b: f"{100 * float(a) / float(b):.1f}" if float(b) else "n/a"
+        print(f"| {name} | {100 * scores['miou']:.1f} | {pct(right, obj)} | {pct(other, obj)} | {pct(as_bg, obj)} "
+              f"| {pct(bg_as_obj, bg)} |")
+
+
 def table(args) -> None:
     rows = []
     for labels in args.labels:
@@ -285,6 +315,8 @@ def main(argv=None) -> None:
     q.add_argument("--cell", type=int, default=160, help="row height in pixels")
     q.add_argument("--out", required=True, help="PNG to write")
     q.add_argument("--threads", type=int, default=1)
+    e = sub.add_parser("errors", help="where each run's val errors go (object vs background, which object)")
+    e.add_argument("runs", nargs="+", help="NAME=RUN_DIR (with eval_val.json) or a scores JSON")
     for p in (s, t, g, q):
         p.add_argument("--data", default=None, help="voc-sparse directory (default $APRO_DATA/voc-sparse)")
         p.add_argument("--crop", type=int, default=192)
@@ -298,6 +330,8 @@ def main(argv=None) -> None:
     elif args.mode == "grid":
         args.data = args.data or default_data_root()
         grid(args)
+    elif args.mode == "errors":
+        errors(args)
     elif args.mode == "targets":
         args.data = args.data or default_data_root()
         targets(args)
