@@ -237,8 +237,9 @@ def errors(args) -> None:
     print("| run | val mIoU | object px: right class | other object class | background | background px: as object |")
     print("| --- | --- | --- | --- | --- | --- |")
     for spec in args.runs:
-        name, _, path = spec.rpartition("=")
-        name = name or path
+        name, sep, path = spec.partition("=")  # split as `grid` does; a bare path names itself
+        if not sep:
+            name = path = spec
         scores_path = os.path.join(path, "eval_val.json") if os.path.isdir(path) else path
         if not os.path.exists(scores_path):
             raise SystemExit(f"{scores_path} not found: run `apro eval semantic {path} --split val` first")
