@@ -9,7 +9,9 @@ set is ``configs/<set>.json`` (paths in it are relative to the data root).
 Every run goes to ``<out>/<set>/<model>-<mask_loss>-s<seed>/``: it is checkpointed, resumed
 when interrupted, and once evaluated leaves ``result.json`` (AP, AP50, AP75, seconds, the
 commit that produced it, the command, the date), so re-running the same command only does
-what is missing. The table is printed from every ``result.json`` found. Examples::
+what is missing. The table is printed from every ``result.json`` found. A recipe with a
+cached frozen backbone keeps its features in ``<out>/_features`` (``--feature-cache``), so only
+the first run of a set computes them. Examples::
 
     python benchmarks/box_instance.py --set pennfudan --variants projection apro --seeds 0 1
     python benchmarks/box_instance.py --set pennfudan --table-only
@@ -323,6 +325,9 @@ def main(argv=None) -> int:
     p.add_argument("--cost-batches", type=int, default=3, help="distinct batches the cost pairs cycle through")
     p.add_argument("--grid", help="write the qualitative grid PNG here and stop")
     p.add_argument("--grid-images", type=int, default=4)
+    p.add_argument("--feature-cache", default=None,
+                   help="folder keeping a cached frozen backbone's features for every run (default "
+                        "<out>/_features; 'none': in memory only, per run)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
@@ -344,6 +349,10 @@ def main(argv=None) -> int:
                 print(f"error: {key} {values.get(key)!r} of {recipe} not found (--data-root {data_root})",
                       file=sys.stderr)
                 return 2
+    options = values.get("model_options") or {}
+    if options.get("cache_backbone") and args.feature_cache != "none" and "cache_dir" not in options:
+        # the same frozen features for every variant and seed: computed by the first run only
+        values["model_options"] = dict(options, cache_dir=args.feature_cache or str(Path(args.out) / "_features"))
     meta = values
     set_dir = Path(args.out) / args.set
     set_dir.mkdir(parents=True, exist_ok=True)

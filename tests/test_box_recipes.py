@@ -121,3 +121,25 @@ def test_frozen_cached_backbone_trains_only_the_heads(synthetic, tmp_path):
     resumed = train(BoxConfig.from_dict(dict(config.to_dict(), out=str(tmp_path / "again"))),
                     resume=list_checkpoints(tmp_path / "run")[0], progress=False)
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in result.history]
+
+
+def test_feature_cache_folder_serves_a_later_run(tmp_path, synthetic):
+    """``cache_dir`` (what benchmarks/box_instance.py gives every run of an ablation): the second
+    run computes no backbone features, writes no new files and trains exactly as the first."""
+    options = dict(TINY, frozen_stages=4, cache_backbone=True, cache_dir=str(tmp_path / "features"))
+    config = BoxConfig(data=synthetic.image_dir, ann=synthetic.train_ann, out=str(tmp_path / "a"), steps=3,
+                       batch_size=2, optimizer="adamw", lr=1e-3, warmup_steps=1, short_sides=(64,), max_size=64,
+                       pretrained=False, mask_loss="apro", checkpoint_every=3, amp=False, model_options=options)
+    torch.manual_seed(config.seed)
+    first = train(config, model=build_model(config, 3), progress=False)
+    files = sorted((tmp_path / "features").rglob("*.pt"))
+    assert files
+    stamps = [f.stat().st_mtime_ns for f in files]
+    second_config = BoxConfig.from_dict(dict(config.to_dict(), out=str(tmp_path / "b")))
+    torch.manual_seed(second_config.seed)
+    model = build_model(second_config, 3)
+    model.backbone.forward = None  # any backbone forward would fail: every feature comes from disk
+    second = train(second_config, model=model, progress=False)
+    assert [r["loss"] for r in second.history] == [r["loss"] for r in first.history]
+    assert sorted((tmp_path / "features").rglob("*.pt")) == files
+    assert [f.stat().st_mtime_ns for f in files] == stamps

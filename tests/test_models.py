@@ -594,6 +594,55 @@ def test_cached_backbone_features_match_and_are_reused(monkeypatch):
         cached(images, targets=_targets())
 
 
+def test_cache_dir_keeps_features_for_a_later_model(tmp_path, monkeypatch):
+    """With ``cache_dir`` a second model with the same frozen backbone reads the first one's
+    features from disk (no backbone forward) and gets the same losses bit for bit; other
+    weights or other pixels never read those files; bad folders are refused."""
+    torch.manual_seed(0)
+    first = SOLOv2(3, frozen_stages=4, cache_backbone=True, cache_dir=str(tmp_path / "f"),
+                   mask_loss="projection", **TINY).train()
+    images = torch.rand(2, 3, 128, 128)
+    targets = _targets()
+    for i in range(2):
+        targets[i].update(image_id=i, size=(128, 128), flipped=False)
+    loss_first = first(images, targets=targets)["loss"]
+    files = sorted((tmp_path / "f").rglob("*.pt"))
+    assert len(files) == 2
+
+    second = SOLOv2(3, frozen_stages=4, cache_backbone=True, cache_dir=str(tmp_path / "f"),
+                    mask_loss="projection", **TINY).train()
+    second.load_state_dict(first.state_dict())
+    calls = []
+    forward = second.backbone.forward
+    monkeypatch.setattr(second.backbone, "forward", lambda x: calls.append(tuple(x.shape)) or forward(x))
+    assert torch.equal(second(images, targets=targets)["loss"], loss_first) and calls == []
+    # other pixels under the same image ids (a fresh model's memory is empty): computed, not read
+    fresh = SOLOv2(3, frozen_stages=4, cache_backbone=True, cache_dir=str(tmp_path / "f"),
+                   mask_loss="projection", **TINY).train()
+    fresh.load_state_dict(first.state_dict())
+    calls.clear()
+    monkeypatch.setattr(fresh.backbone, "forward", lambda x: calls.append(tuple(x.shape)) or forward(x))
+    fresh(images.flip(-1), targets=targets)
+    assert len(calls) == 2 and len(sorted((tmp_path / "f").rglob("*.pt"))) == 4
+    # other backbone weights: their own files
+    torch.manual_seed(1)
+    other = SOLOv2(3, frozen_stages=4, cache_backbone=True, cache_dir=str(tmp_path / "f"),
+                   mask_loss="projection", **TINY).train()
+    other(images, targets=targets)
+    assert len(sorted((tmp_path / "f").rglob("*.pt"))) == 6
+    # a damaged file is recomputed, not trusted
+    files[0].write_bytes(b"not a tensor file")
+    again = SOLOv2(3, frozen_stages=4, cache_backbone=True, cache_dir=str(tmp_path / "f"),
+                   mask_loss="projection", **TINY).train()
+    again.load_state_dict(first.state_dict())
+    assert torch.equal(again(images, targets=targets)["loss"], loss_first)
+    with pytest.raises(ValueError, match="cache_backbone"):
+        SOLOv2(1, frozen_stages=4, cache_dir=str(tmp_path / "g"), **TINY)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        SOLOv2(1, frozen_stages=4, cache_backbone=True, cache_dir=str(tmp_path / "file"), **TINY)
+
+
 def test_dynamic_masks_equal_the_gathered_product():
     from apro.modeling.solov2 import _dynamic_masks
 

@@ -3,11 +3,21 @@
 A wholly frozen backbone gives an image the same features at every step, and on a CPU they are
 a third to a half of a training step. Each image's features are computed on the image alone
 (padded to a multiple of 32) and zero-padded to the batch, so batch padding never changes them.
+
+With a cache folder the features also outlive the run: every run of an ablation (same frozen
+backbone, same images, sizes and flips) then computes them once. A file is named by a hash of
+the backbone's weights and of the exact input pixels, so a folder can be shared between
+datasets, backbones and runs, and never serves features of other weights or pixels.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import torch
 
+from .._atomic import atomic_path
 from .backbones import STRIDES
 
 
@@ -19,12 +29,74 @@ def check_cacheable(backbone, cache_backbone: bool, frozen_stages) -> bool:
     return bool(cache_backbone)
 
 
-def cached_backbone_features(backbone, x: torch.Tensor, targets, cache: dict) -> list[torch.Tensor]:
+class FeatureFolder:
+    """A folder of cached backbone features, one file per (backbone weights, input pixels)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._weights: str | None = None
+
+    def file(self, backbone, pixels: torch.Tensor) -> Path:
+        """The file of ``backbone``'s features of ``pixels`` ``(1, 3, h, w)`` (the weights are
+        hashed once: the backbone is frozen)."""
+        if self._weights is None:
+            self._weights = _weights_digest(backbone)
+        return _disk_path(self.path, self._weights, pixels)
+
+
+def check_cache_dir(cache_dir, cache_backbone: bool) -> FeatureFolder | None:
+    """``cache_dir`` as a :class:`FeatureFolder` (created), or None; refused without ``cache_backbone``."""
+    if cache_dir is None:
+        return None
+    if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir):
+        raise ValueError(f"cache_dir must be a folder path, got {cache_dir!r}")
+    if not cache_backbone:
+        raise ValueError("cache_dir needs cache_backbone=True (it keeps the cached backbone features on disk)")
+    path = Path(cache_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"cache_dir {str(path)!r} exists and is not a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return FeatureFolder(path)
+
+
+def _weights_digest(backbone) -> str:
+    digest = hashlib.blake2b(type(backbone).__name__.encode(), digest_size=16)
+    for name, tensor in backbone.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _disk_path(folder: Path, weights: str, pixels: torch.Tensor) -> Path:
+    p = pixels.detach().cpu().contiguous()
+    digest = hashlib.blake2b(weights.encode(), digest_size=20)
+    digest.update(f"{p.dtype}:{tuple(p.shape)}".encode())
+    digest.update(p.view(torch.uint8).numpy().tobytes())
+    name = digest.hexdigest()
+    return folder / name[:2] / f"{name}.pt"
+
+
+def _load(path: Path, device) -> list[torch.Tensor] | None:
+    try:
+        feats = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception:  # a damaged file (the writes are atomic, so not a partial one): recompute it
+        return None
+    if not isinstance(feats, list) or not all(isinstance(f, torch.Tensor) for f in feats):
+        return None
+    return feats
+
+
+def cached_backbone_features(backbone, x: torch.Tensor, targets, cache: dict,
+                             folder: FeatureFolder | None = None) -> list[torch.Tensor]:
     """Backbone features ``[(B, C_l, H / s_l, W / s_l)]`` of the normalised batch ``x`` from ``cache``.
 
     ``cache`` maps ``(image_id, size, flipped)`` of a target to that image's features (float16);
-    missing entries are computed without gradient and stored. A dataset item must be a function
-    of those three keys (true of ``CocoBoxDataset``: no photometric augmentation).
+    missing entries are read from ``folder`` when it holds them, else computed without gradient,
+    and stored (in ``folder`` too when given). A dataset item must be a function of those three
+    keys (true of ``CocoBoxDataset``: no photometric augmentation).
     """
     per_image = []
     for b, target in enumerate(targets):
@@ -37,8 +109,18 @@ def cached_backbone_features(backbone, x: torch.Tensor, targets, cache: dict) ->
         if cached is None:
             h = -(-key[1][0] // 32) * 32
             w = -(-key[1][1] // 32) * 32
-            with torch.no_grad():
-                cached = [f.to(torch.float16) for f in backbone(x[b:b + 1, :, :h, :w])]
+            pixels = x[b:b + 1, :, :h, :w]
+            path = None
+            if folder is not None:
+                path = folder.file(backbone, pixels)
+                cached = _load(path, x.device)
+            if cached is None:
+                with torch.no_grad():
+                    cached = [f.to(torch.float16) for f in backbone(pixels)]
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_path(path) as tmp:
+                        torch.save([f.cpu() for f in cached], tmp)
             cache[key] = cached
         per_image.append(cached)
     out = []

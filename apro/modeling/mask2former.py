@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from ..losses import BOX_MASK_LOSSES, box_mask_loss, tree_guide
 from ..tree import minimum_spanning_tree
-from ._feature_cache import cached_backbone_features, check_cacheable
+from ._feature_cache import cached_backbone_features, check_cache_dir, check_cacheable
 from ._inputs import check_forward_inputs
 from .backbones import build_backbone
 from .fpn import FPN
@@ -223,6 +223,8 @@ class Mask2Former(nn.Module):
         cache_backbone: with the whole backbone frozen, reuse each training image's backbone
             features (as :class:`~apro.modeling.SOLOv2`'s option of that name: float16, in memory,
             keyed by the target's ``image_id``, ``size`` and ``flipped``; not used at inference).
+        cache_dir: with ``cache_backbone``, also keep those features in this folder for later
+            runs (as :class:`~apro.modeling.SOLOv2`'s option of that name).
 
     The defaults are a small CPU configuration.
     """
@@ -238,7 +240,7 @@ class Mask2Former(nn.Module):
                  global_weight: float = 2.0, local_weight: float = 1.0, normalization: str = "total",
                  mask_threshold: float = 0.5, max_detections: int = 50, score_threshold: float = 0.0,
                  freeze_backbone: bool = False, frozen_stages: int | None = None,
-                 cache_backbone: bool = False, coord_features: bool = True):
+                 cache_backbone: bool = False, coord_features: bool = True, cache_dir: str | None = None):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
@@ -283,6 +285,7 @@ class Mask2Former(nn.Module):
                                        frozen_stages=frozen_stages)
         self.cache_backbone = check_cacheable(self.backbone, cache_backbone, frozen_stages)
         self._feature_cache: dict = {}
+        self._feature_folder = check_cache_dir(cache_dir, self.cache_backbone)
         self.register_buffer("pixel_mean", torch.tensor(self.backbone.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.backbone.pixel_std).view(1, 3, 1, 1), persistent=False)
         self._first_level = {4: 0, 8: 1}[mask_stride]
@@ -330,7 +333,8 @@ class Mask2Former(nn.Module):
         """
         x = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
         if self.cache_backbone and targets is not None:
-            features = cached_backbone_features(self.backbone, x, targets, self._feature_cache)
+            features = cached_backbone_features(self.backbone, x, targets, self._feature_cache,
+                                                self._feature_folder)
         else:
             features = self.backbone(x)
         features = features[self._first_level:]
