@@ -17,6 +17,7 @@ the first run of a set computes them. Examples::
     python benchmarks/box_instance.py --set pennfudan --table-only
     python benchmarks/box_instance.py --set pennfudan --cost --cost-pairs 10
     python benchmarks/box_instance.py --set pennfudan --grid docs/pennfudan_grid.png
+    python benchmarks/box_instance.py --set coco_person --targets runs/bench/coco_person/solov2-apro-s0
     python benchmarks/box_instance.py --synthetic --variants projection apro --seeds 0
 """
 from __future__ import annotations
@@ -236,6 +237,78 @@ def step_cost(values, args) -> dict:
             "mask_stride": config.model_options.get("mask_stride", 8)}
 
 
+_SIZE_BINS = ((0, 8), (8, 16), (16, 32), (32, 10 ** 6))
+
+
+def target_drift(values, run_dirs, batches: int) -> list[dict]:
+    """How far each pairwise target sits from the prediction ``p`` it is built from, on a trained
+    model's own training batches (recipe's test short side, no flip): per positive, the mean of
+    ``target - p`` over the box pixels with ``p > 0.5`` (negative = the target erodes the mask),
+    pooled over the positives of each box-width bin (mask pixels). Targets: GP (two stages,
+    released scales), LP (5 x 5, 20 steps, box-masked) and the tree filter (TEL's sigma 0.02),
+    each computed as the loss computes it."""
+    import apro.modeling.solov2 as solov2
+    from apro import minimum_spanning_tree
+    from apro.data import collate_batch
+    from apro.engine.checkpoint import list_checkpoints
+    from apro.losses.box import two_stage_gp
+    from apro.losses.registry import tree_guide
+    from apro.propagation import local_propagation, tree_filter
+    from apro.tasks.box import build_train_dataset, load_trained_model
+
+    rows = []
+    for run_dir in run_dirs:
+        checkpoints = list_checkpoints(Path(run_dir))
+        if not checkpoints:
+            raise SystemExit(f"error: no checkpoint in {run_dir}")
+        model, config, _ = load_trained_model(checkpoints[-1])
+        dataset = build_train_dataset(dataclasses.replace(config, short_sides=(_test_short_side(config),),
+                                                          flip=False))
+        captured = []
+        real = solov2.box_mask_loss
+
+        def capture(name, logits, box_mask, image, tree=None, return_terms=False, options=None):
+            captured.append((logits.detach(), box_mask, image))
+            return real(name, logits, box_mask, image, tree=tree, return_terms=return_terms, options=options)
+
+        sums = {}
+        solov2.box_mask_loss = capture
+        try:
+            model.train()
+            for k in range(batches):
+                batch = collate_batch([dataset[(k * config.batch_size + i) % len(dataset)]
+                                       for i in range(config.batch_size)])
+                captured.clear()
+                with torch.no_grad():
+                    model(batch["images"], valid=batch["valid"], targets=batch["targets"])
+                logits, box_mask, image = captured[0]
+                p = torch.sigmoid(logits)
+                b = box_mask.to(p.dtype)
+                guide = tree_guide("apro", image)
+                targets = {
+                    "GP": two_stage_gp(p, minimum_spanning_tree(guide), 0.01, 0.07),
+                    "LP": local_propagation(p, guide, 5, 0.15, 20, mask=b),
+                    "tree filter": tree_filter(p, minimum_spanning_tree(tree_guide("treefilter", image)), 0.02),
+                }
+                cols = b.amax(dim=-2).sum(dim=(-1, -2)).flatten()  # box width in mask pixels
+                fg = (p > 0.5) & (b > 0)
+                for name, t in targets.items():
+                    diff = ((t - p) * fg).sum(dim=(1, 2, 3))
+                    count = fg.sum(dim=(1, 2, 3))
+                    for lo, hi in _SIZE_BINS + ((0, 10 ** 6),):
+                        sel = (cols >= lo) & (cols < hi)
+                        acc = sums.setdefault((name, lo, hi), [0.0, 0, 0])
+                        acc[0] += float(diff[sel].sum())
+                        acc[1] += int(count[sel].sum())
+                        acc[2] += int((sel & (count > 0)).sum())
+        finally:
+            solov2.box_mask_loss = real
+        for (name, lo, hi), (total, count, instances) in sums.items():
+            rows.append({"run": str(run_dir), "target": name, "bin": (lo, hi), "positives": instances,
+                         "pixels": count, "mean": total / count if count else float("nan")})
+    return rows
+
+
 def qualitative_grid(values, set_dir: Path, models, losses, path: Path, images: int, seed: int) -> Path:
     """PNG: columns = the first ``images`` val images; first row the photo with its ground-truth
     boxes, then one row per trained variant of ``seed`` (its detections scored >= 0.3, masks
@@ -325,6 +398,10 @@ def main(argv=None) -> int:
     p.add_argument("--cost-batches", type=int, default=3, help="distinct batches the cost pairs cycle through")
     p.add_argument("--grid", help="write the qualitative grid PNG here and stop")
     p.add_argument("--grid-images", type=int, default=4)
+    p.add_argument("--targets", nargs="+", metavar="RUN_DIR",
+                   help="print how far GP, LP and tree-filter targets sit from p on these trained runs' "
+                        "training batches, by box width, and stop")
+    p.add_argument("--target-batches", type=int, default=8)
     p.add_argument("--feature-cache", default=None,
                    help="folder keeping a cached frozen backbone's features for every run (default "
                         "<out>/_features; 'none': in memory only, per run)")
@@ -366,6 +443,16 @@ def main(argv=None) -> int:
         print("|---|---|---|---|---|---|---|")
         print(f"| {c['model']} | {c['image'][0]}x{c['image'][1]} | {c['mask_stride']} | {c['batch']} | "
               f"{c['projection']:.3f} | {c['apro']:.3f} | {c['ratio']:.2f} |")
+        return 0
+    if args.targets:
+        rows = target_drift(values, args.targets, args.target_batches)
+        print("| run | target | box width (mask px) | positives | fg pixels | mean target - p where p > 0.5 |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            lo, hi = r["bin"]
+            width = "all" if (lo, hi) == (0, 10 ** 6) else (f">= {lo}" if hi == 10 ** 6 else f"{lo}-{hi}")
+            print(f"| {Path(r['run']).name} | {r['target']} | {width} | {r['positives']} | {r['pixels']} | "
+                  f"{r['mean']:+.3f} |")
         return 0
     if args.grid:
         path = qualitative_grid(values, set_dir, args.models, args.variants, Path(args.grid), args.grid_images,
