@@ -15,7 +15,7 @@ from apro.engine import list_checkpoints, load_checkpoint
 from apro.tasks.box import BoxConfig, build_model, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-RECIPES = ("pennfudan", "coco_person", "coco_mini20")
+RECIPES = ("pennfudan", "coco_person", "coco_mini20", "coco_person_lite2")
 TINY = dict(fpn_channels=16, head_channels=16, mask_channels=8, mask_branch_channels=16,
             grid_sizes=[8, 4], scale_ranges=[[1, 32], [24, 4096]])
 
@@ -38,7 +38,8 @@ def test_shipped_recipe_loads_validates_and_names_no_machine_path(name, tmp_path
     path = CONFIGS / f"{name}.json"
     raw = json.loads(path.read_text())
     for key in ("data", "ann", "eval_ann"):
-        assert raw[key] and not Path(raw[key]).is_absolute() and raw[key].startswith(f"{name}/"), key
+        assert raw[key] and not Path(raw[key]).is_absolute(), key
+        assert raw[key].startswith(f"{name.removesuffix('_lite2')}/"), key
     assert "/work/" not in path.read_text()
     config = BoxConfig.from_json(path, data_root=str(tmp_path)).validate()
     assert config.data == str(tmp_path / raw["data"]) and config.eval_ann == str(tmp_path / raw["eval_ann"])
@@ -49,6 +50,7 @@ def test_shipped_recipe_loads_validates_and_names_no_machine_path(name, tmp_path
     model = build_model(BoxConfig.from_dict(dict(config.to_dict(), pretrained=False)), 3)
     assert model.mask_stride == config.model_options["mask_stride"]
     assert len(model.grid_sizes) == len(config.model_options["scale_ranges"])
+    assert config.backbone == raw.get("backbone", "efficientnet_lite0")
 
 
 def test_recipe_paths_follow_the_data_root(tmp_path, monkeypatch):
