@@ -237,10 +237,12 @@ def step_cost(values, args) -> dict:
             "mask_stride": config.model_options.get("mask_stride", 8)}
 
 
-_SIZE_BINS = ((0, 8), (8, 16), (16, 32), (32, 10 ** 6))
+# box width bins (mask pixels): label, lowest, first width past the bin
+_WIDTH_BINS = (("< 8", 0, 8), ("8-16", 8, 16), ("16-32", 16, 32), (">= 32", 32, float("inf")),
+               ("all", 0, float("inf")))
 
 
-def target_drift(values, run_dirs, batches: int) -> list[dict]:
+def target_drift(run_dirs, batches: int) -> list[dict]:
     """How far each pairwise target sits from the prediction ``p`` it is built from, on a trained
     model's own training batches (recipe's test short side, no flip): per positive, the mean of
     ``target - p`` over the box pixels with ``p > 0.5`` (negative = the target erodes the mask),
@@ -262,6 +264,8 @@ def target_drift(values, run_dirs, batches: int) -> list[dict]:
         if not checkpoints:
             raise SystemExit(f"error: no checkpoint in {run_dir}")
         model, config, _ = load_trained_model(checkpoints[-1])
+        if not isinstance(model, solov2.SOLOv2):
+            raise SystemExit(f"error: --targets reads SOLOv2 runs; {run_dir} holds a {type(model).__name__}")
         dataset = build_train_dataset(dataclasses.replace(config, short_sides=(_test_short_side(config),),
                                                           flip=False))
         captured = []
@@ -292,19 +296,19 @@ def target_drift(values, run_dirs, batches: int) -> list[dict]:
                 }
                 cols = b.amax(dim=-2).sum(dim=(-1, -2)).flatten()  # box width in mask pixels
                 fg = (p > 0.5) & (b > 0)
+                count = fg.sum(dim=(1, 2, 3))
                 for name, t in targets.items():
                     diff = ((t - p) * fg).sum(dim=(1, 2, 3))
-                    count = fg.sum(dim=(1, 2, 3))
-                    for lo, hi in _SIZE_BINS + ((0, 10 ** 6),):
+                    for width, lo, hi in _WIDTH_BINS:
                         sel = (cols >= lo) & (cols < hi)
-                        acc = sums.setdefault((name, lo, hi), [0.0, 0, 0])
+                        acc = sums.setdefault((name, width), [0.0, 0, 0])
                         acc[0] += float(diff[sel].sum())
                         acc[1] += int(count[sel].sum())
                         acc[2] += int((sel & (count > 0)).sum())
         finally:
             solov2.box_mask_loss = real
-        for (name, lo, hi), (total, count, instances) in sums.items():
-            rows.append({"run": str(run_dir), "target": name, "bin": (lo, hi), "positives": instances,
+        for (name, width), (total, count, instances) in sums.items():
+            rows.append({"run": str(run_dir), "target": name, "width": width, "positives": instances,
                          "pixels": count, "mean": total / count if count else float("nan")})
     return rows
 
@@ -445,13 +449,11 @@ def main(argv=None) -> int:
               f"{c['projection']:.3f} | {c['apro']:.3f} | {c['ratio']:.2f} |")
         return 0
     if args.targets:
-        rows = target_drift(values, args.targets, args.target_batches)
+        rows = target_drift(args.targets, args.target_batches)
         print("| run | target | box width (mask px) | positives | fg pixels | mean target - p where p > 0.5 |")
         print("|---|---|---|---|---|---|")
         for r in rows:
-            lo, hi = r["bin"]
-            width = "all" if (lo, hi) == (0, 10 ** 6) else (f">= {lo}" if hi == 10 ** 6 else f"{lo}-{hi}")
-            print(f"| {Path(r['run']).name} | {r['target']} | {width} | {r['positives']} | {r['pixels']} | "
+            print(f"| {Path(r['run']).name} | {r['target']} | {r['width']} | {r['positives']} | {r['pixels']} | "
                   f"{r['mean']:+.3f} |")
         return 0
     if args.grid:

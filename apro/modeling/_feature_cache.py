@@ -59,20 +59,23 @@ def check_cache_dir(cache_dir, cache_backbone: bool) -> FeatureFolder | None:
     return FeatureFolder(path)
 
 
+def _hash_tensor(digest, tensor: torch.Tensor, name: str = "") -> None:
+    t = tensor.detach().cpu().contiguous()
+    digest.update(f"{name + ':' if name else ''}{t.dtype}:{tuple(t.shape)}".encode())
+    if t.numel():
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+
+
 def _weights_digest(backbone) -> str:
     digest = hashlib.blake2b(type(backbone).__name__.encode(), digest_size=16)
     for name, tensor in backbone.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _hash_tensor(digest, tensor, name)
     return digest.hexdigest()
 
 
 def _disk_path(folder: Path, weights: str, pixels: torch.Tensor) -> Path:
-    p = pixels.detach().cpu().contiguous()
     digest = hashlib.blake2b(weights.encode(), digest_size=20)
-    digest.update(f"{p.dtype}:{tuple(p.shape)}".encode())
-    digest.update(p.view(torch.uint8).numpy().tobytes())
+    _hash_tensor(digest, pixels)
     name = digest.hexdigest()
     return folder / name[:2] / f"{name}.pt"
 
@@ -80,9 +83,7 @@ def _disk_path(folder: Path, weights: str, pixels: torch.Tensor) -> Path:
 def _load(path: Path, device) -> list[torch.Tensor] | None:
     try:
         feats = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        return None
-    except Exception:  # a damaged file (the writes are atomic, so not a partial one): recompute it
+    except Exception:  # missing, or damaged (the writes are atomic, so not partial): recompute it
         return None
     if not isinstance(feats, list) or not all(isinstance(f, torch.Tensor) for f in feats):
         return None
