@@ -18,6 +18,7 @@ the first run of a set computes them. Examples::
     python benchmarks/box_instance.py --set pennfudan --cost --cost-pairs 10
     python benchmarks/box_instance.py --set pennfudan --grid docs/pennfudan_grid.png
     python benchmarks/box_instance.py --set coco_person --targets runs/bench/coco_person/solov2-apro-s0
+    python benchmarks/box_instance.py --set coco_person --target-quality runs/bench/coco_person/solov2-apro-s0
     python benchmarks/box_instance.py --synthetic --variants projection apro --seeds 0
 """
 from __future__ import annotations
@@ -242,6 +243,59 @@ _WIDTH_BINS = (("< 8", 0, 8), ("8-16", 8, 16), ("16-32", 16, 32), (">= 32", 32, 
                ("all", 0, float("inf")))
 
 
+def _captured_losses(run_dir, batches: int):
+    """Load the last checkpoint of a trained SOLOv2 run and yield, for ``batches`` of its own
+    training images (recipe's test short side, no flip), what its mask loss sees: a dict with
+    ``logits`` (P, 1, h, w) of the positives, ``box_mask`` (P, 1, h, w), ``image`` (P, 3, h, w)
+    RGB at mask resolution, ``boxes`` (P, 4) input pixels, ``image_index`` (P,), the ``batch`` and
+    the ``dataset``. Runs that are not SOLOv2 are refused."""
+    import apro.modeling.solov2 as solov2
+    from apro.data import collate_batch
+    from apro.engine.checkpoint import list_checkpoints
+    from apro.tasks.box import build_train_dataset, load_trained_model
+
+    checkpoints = list_checkpoints(Path(run_dir))
+    if not checkpoints:
+        raise SystemExit(f"error: no checkpoint in {run_dir}")
+    model, config, _ = load_trained_model(checkpoints[-1])
+    if not isinstance(model, solov2.SOLOv2):
+        raise SystemExit(f"error: these diagnostics read SOLOv2 runs; {run_dir} holds a {type(model).__name__}")
+    dataset = build_train_dataset(dataclasses.replace(config, short_sides=(_test_short_side(config),), flip=False))
+    seen = {}
+    real_loss, real_boxes, real_masks = solov2.box_mask_loss, solov2.box_masks, solov2._dynamic_masks
+
+    def loss(name, logits, box_mask, image, tree=None, return_terms=False, options=None):
+        seen.update(logits=logits.detach(), box_mask=box_mask, image=image)
+        return real_loss(name, logits, box_mask, image, tree=tree, return_terms=return_terms, options=options)
+
+    def boxes(b, size, stride):
+        seen["boxes"] = b.detach()
+        return real_boxes(b, size, stride)
+
+    def masks(kernels, image_index, features):
+        seen["image_index"] = image_index
+        return real_masks(kernels, image_index, features)
+
+    solov2.box_mask_loss, solov2.box_masks, solov2._dynamic_masks = loss, boxes, masks
+    try:
+        model.train()
+        for k in range(batches):
+            items = [dataset[(k * config.batch_size + i) % len(dataset)] for i in range(config.batch_size)]
+            batch = collate_batch(items)
+            seen.clear()
+            with torch.no_grad():
+                model(batch["images"], valid=batch["valid"], targets=batch["targets"])
+            if "boxes" in seen:
+                yield dict(seen, batch=batch, dataset=dataset, indices=[(k * config.batch_size + i) % len(dataset)
+                                                                       for i in range(config.batch_size)])
+    finally:
+        solov2.box_mask_loss, solov2.box_masks, solov2._dynamic_masks = real_loss, real_boxes, real_masks
+
+
+def _box_widths(box_mask: torch.Tensor) -> torch.Tensor:
+    return box_mask.amax(dim=-2).sum(dim=(-1, -2)).flatten()  # box width in mask pixels
+
+
 def target_drift(run_dirs, batches: int) -> list[dict]:
     """How far each pairwise target sits from the prediction ``p`` it is built from, on a trained
     model's own training batches (recipe's test short side, no flip): per positive, the mean of
@@ -249,67 +303,122 @@ def target_drift(run_dirs, batches: int) -> list[dict]:
     pooled over the positives of each box-width bin (mask pixels). Targets: GP (two stages,
     released scales), LP (5 x 5, 20 steps, box-masked) and the tree filter (TEL's sigma 0.02),
     each computed as the loss computes it."""
-    import apro.modeling.solov2 as solov2
     from apro import minimum_spanning_tree
-    from apro.data import collate_batch
-    from apro.engine.checkpoint import list_checkpoints
     from apro.losses.box import two_stage_gp
     from apro.losses.registry import tree_guide
     from apro.propagation import local_propagation, tree_filter
-    from apro.tasks.box import build_train_dataset, load_trained_model
 
     rows = []
     for run_dir in run_dirs:
-        checkpoints = list_checkpoints(Path(run_dir))
-        if not checkpoints:
-            raise SystemExit(f"error: no checkpoint in {run_dir}")
-        model, config, _ = load_trained_model(checkpoints[-1])
-        if not isinstance(model, solov2.SOLOv2):
-            raise SystemExit(f"error: --targets reads SOLOv2 runs; {run_dir} holds a {type(model).__name__}")
-        dataset = build_train_dataset(dataclasses.replace(config, short_sides=(_test_short_side(config),),
-                                                          flip=False))
-        captured = []
-        real = solov2.box_mask_loss
-
-        def capture(name, logits, box_mask, image, tree=None, return_terms=False, options=None):
-            captured.append((logits.detach(), box_mask, image))
-            return real(name, logits, box_mask, image, tree=tree, return_terms=return_terms, options=options)
-
         sums = {}
-        solov2.box_mask_loss = capture
-        try:
-            model.train()
-            for k in range(batches):
-                batch = collate_batch([dataset[(k * config.batch_size + i) % len(dataset)]
-                                       for i in range(config.batch_size)])
-                captured.clear()
-                with torch.no_grad():
-                    model(batch["images"], valid=batch["valid"], targets=batch["targets"])
-                logits, box_mask, image = captured[0]
-                p = torch.sigmoid(logits)
-                b = box_mask.to(p.dtype)
-                guide = tree_guide("apro", image)
-                targets = {
-                    "GP": two_stage_gp(p, minimum_spanning_tree(guide), 0.01, 0.07),
-                    "LP": local_propagation(p, guide, 5, 0.15, 20, mask=b),
-                    "tree filter": tree_filter(p, minimum_spanning_tree(tree_guide("treefilter", image)), 0.02),
-                }
-                cols = b.amax(dim=-2).sum(dim=(-1, -2)).flatten()  # box width in mask pixels
-                fg = (p > 0.5) & (b > 0)
-                count = fg.sum(dim=(1, 2, 3))
-                for name, t in targets.items():
-                    diff = ((t - p) * fg).sum(dim=(1, 2, 3))
-                    for width, lo, hi in _WIDTH_BINS:
-                        sel = (cols >= lo) & (cols < hi)
-                        acc = sums.setdefault((name, width), [0.0, 0, 0])
-                        acc[0] += float(diff[sel].sum())
-                        acc[1] += int(count[sel].sum())
-                        acc[2] += int((sel & (count > 0)).sum())
-        finally:
-            solov2.box_mask_loss = real
+        for seen in _captured_losses(run_dir, batches):
+            logits, box_mask, image = seen["logits"], seen["box_mask"], seen["image"]
+            p = torch.sigmoid(logits)
+            b = box_mask.to(p.dtype)
+            guide = tree_guide("apro", image)
+            targets = {
+                "GP": two_stage_gp(p, minimum_spanning_tree(guide), 0.01, 0.07),
+                "LP": local_propagation(p, guide, 5, 0.15, 20, mask=b),
+                "tree filter": tree_filter(p, minimum_spanning_tree(tree_guide("treefilter", image)), 0.02),
+            }
+            cols = _box_widths(b)
+            fg = (p > 0.5) & (b > 0)
+            count = fg.sum(dim=(1, 2, 3))
+            for name, t in targets.items():
+                diff = ((t - p) * fg).sum(dim=(1, 2, 3))
+                for width, lo, hi in _WIDTH_BINS:
+                    sel = (cols >= lo) & (cols < hi)
+                    acc = sums.setdefault((name, width), [0.0, 0, 0])
+                    acc[0] += float(diff[sel].sum())
+                    acc[1] += int(count[sel].sum())
+                    acc[2] += int((sel & (count > 0)).sum())
         for (name, width), (total, count, instances) in sums.items():
             rows.append({"run": str(run_dir), "target": name, "width": width, "positives": instances,
                          "pixels": count, "mean": total / count if count else float("nan")})
+    return rows
+
+
+def _gt_masks(seen, coco) -> torch.Tensor:
+    """The ground-truth instance mask of every captured positive, ``(P, 1, h, w)`` float: the
+    annotation's polygon rasterised at the file's size, resized (nearest) as the image was, padded
+    like the batch and average-pooled to the mask grid (a mask pixel counts as object when more
+    than half of it is)."""
+    import torch.nn.functional as F
+
+    dataset, batch = seen["dataset"], seen["batch"]
+    hp, wp = batch["images"].shape[-2:]
+    h, w = seen["box_mask"].shape[-2:]
+    stride = hp // h
+    out = torch.zeros(seen["box_mask"].shape)
+    for n, (b, box) in enumerate(zip(seen["image_index"].tolist(), seen["boxes"])):
+        info = dataset.images[seen["indices"][b]]
+        target = batch["targets"][b]
+        k = int(torch.nonzero((target["boxes"] == box.cpu()).all(dim=1))[0])
+        ann = coco.anns[info["ann_ids"][k]]
+        full = torch.from_numpy(coco.annToMask(ann)).float()[None, None]
+        nh, nw = target["size"]
+        canvas = torch.zeros(1, 1, hp, wp)
+        canvas[..., :nh, :nw] = F.interpolate(full, size=(nh, nw), mode="nearest")
+        out[n] = (F.avg_pool2d(canvas, stride) > 0.5).float()[0]
+    return out
+
+
+# (label, kernel size, iterations) of the LP targets compared by target_quality
+_LP_SETTINGS = (("LP 5x5 T20 (released)", 5, 20), ("LP 5x5 T10", 5, 10), ("LP 5x5 T5", 5, 5),
+                ("LP 3x3 T20", 3, 20), ("LP 3x3 T10", 3, 10))
+
+
+def target_quality(run_dirs, batches: int) -> list[dict]:
+    """How good each pairwise target is, measured against the ground-truth masks of the training
+    images (which box supervision never reads; a diagnostic for tuning on the train split): per
+    positive of a trained model's own training batches, inside its box, the IoU of ``target > 0.5``
+    with the instance's mask and the mean ``|target - mask|`` (what the L1 term pulls ``p`` toward),
+    averaged over the positives of each box-width bin. ``p`` and the filled box are the references; the targets
+    are GP (released scales), LP box-masked with several kernel sizes and step counts (the
+    released 5 x 5, 20 steps assume stride-4 masks), the tree filter, and the two cascades."""
+    from pycocotools.coco import COCO
+
+    from apro import minimum_spanning_tree
+    from apro.losses.box import two_stage_gp
+    from apro.losses.registry import tree_guide
+    from apro.propagation import local_propagation, tree_filter
+
+    rows = []
+    for run_dir in run_dirs:
+        sums, coco = {}, None
+        for seen in _captured_losses(run_dir, batches):
+            if coco is None:
+                coco = COCO(seen["dataset"].ann_file)
+            gt = _gt_masks(seen, coco)
+            p = torch.sigmoid(seen["logits"]).float()
+            b = seen["box_mask"].float()
+            guide = tree_guide("apro", seen["image"])
+            tree = minimum_spanning_tree(guide)
+            gp = two_stage_gp(p, tree, 0.01, 0.07)
+            targets = {"filled box": b, "p": p, "GP": gp}
+            for label, k, t in _LP_SETTINGS:
+                targets[label] = local_propagation(p, guide, k, 0.15, t, mask=b)
+            targets["GP-LP-C"] = local_propagation(gp, guide, 5, 0.15, 20, mask=b)
+            targets["LP-GP-C"] = two_stage_gp(targets[_LP_SETTINGS[0][0]], tree, 0.01, 0.07)
+            targets["tree filter"] = tree_filter(p, minimum_spanning_tree(tree_guide("treefilter", seen["image"])),
+                                                 0.02)
+            cols = _box_widths(b)
+            area = b.sum(dim=(1, 2, 3)).clamp_min(1)
+            for name, t in targets.items():
+                fg = (t > 0.5).float() * b
+                inter = (fg * gt).sum(dim=(1, 2, 3))
+                union = ((fg + gt * b) > 0).float().sum(dim=(1, 2, 3)).clamp_min(1)
+                iou = inter / union
+                l1 = ((t - gt).abs() * b).sum(dim=(1, 2, 3)) / area
+                for width, lo, hi in _WIDTH_BINS:
+                    sel = (cols >= lo) & (cols < hi)
+                    acc = sums.setdefault((name, width), [0.0, 0.0, 0])
+                    acc[0] += float(iou[sel].sum())
+                    acc[1] += float(l1[sel].sum())
+                    acc[2] += int(sel.sum())
+        for (name, width), (iou, l1, n) in sums.items():
+            rows.append({"run": str(run_dir), "target": name, "width": width, "positives": n,
+                         "iou": 100 * iou / n if n else float("nan"), "l1": l1 / n if n else float("nan")})
     return rows
 
 
@@ -405,6 +514,10 @@ def main(argv=None) -> int:
     p.add_argument("--targets", nargs="+", metavar="RUN_DIR",
                    help="print how far GP, LP and tree-filter targets sit from p on these trained runs' "
                         "training batches, by box width, and stop")
+    p.add_argument("--target-quality", nargs="+", metavar="RUN_DIR",
+                   help="print how close p and each pairwise target (GP, LP settings, cascades, tree filter) "
+                        "are to the ground-truth masks of these trained runs' training batches, by box width, "
+                        "and stop")
     p.add_argument("--target-batches", type=int, default=8)
     p.add_argument("--feature-cache", default=None,
                    help="folder keeping a cached frozen backbone's features for every run (default "
@@ -455,6 +568,14 @@ def main(argv=None) -> int:
         for r in rows:
             print(f"| {Path(r['run']).name} | {r['target']} | {r['width']} | {r['positives']} | {r['pixels']} | "
                   f"{r['mean']:+.3f} |")
+        return 0
+    if args.target_quality:
+        rows = target_quality(args.target_quality, args.target_batches)
+        print("| run | target | box width (mask px) | positives | IoU with GT mask in box (%) | mean abs(target - mask) |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {Path(r['run']).name} | {r['target']} | {r['width']} | {r['positives']} | {r['iou']:.1f} | "
+                  f"{r['l1']:.3f} |")
         return 0
     if args.grid:
         path = qualitative_grid(values, set_dir, args.models, args.variants, Path(args.grid), args.grid_images,

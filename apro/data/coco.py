@@ -196,6 +196,7 @@ class CocoBoxDataset(torch.utils.data.Dataset):
                 "width": record["width"],
                 "boxes": [],
                 "labels": [],
+                "ann_ids": [],
             }
         for ann in data["annotations"]:
             if ann.get("iscrowd", 0):
@@ -205,6 +206,7 @@ class CocoBoxDataset(torch.utils.data.Dataset):
             if box is not None:
                 info["boxes"].append(box)
                 info["labels"].append(contiguous[ann["category_id"]])
+                info["ann_ids"].append(ann.get("id"))
 
         self.images = []
         for info in images.values():
