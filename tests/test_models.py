@@ -653,3 +653,33 @@ def test_dynamic_masks_equal_the_gathered_product():
         index = torch.tensor(index)
         expected = torch.einsum("ne,nep->np", kernels, features.flatten(2)[index]).view(-1, 1, 4, 6)
         assert torch.allclose(_dynamic_masks(kernels, index, features), expected)
+
+
+def test_loss_options_reach_the_mask_loss_and_bad_ones_fail_at_construction(monkeypatch):
+    """``loss_options`` (e.g. LP's kernel for stride-8 masks) is what the mask loss is called
+    with; a model without it calls the loss with the released settings (``options=None``)."""
+    import apro.modeling.solov2 as solov2_module
+
+    seen = []
+    real = solov2_module.box_mask_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("options"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(solov2_module, "box_mask_loss", spy)
+    targets = [dict(boxes=torch.tensor([[10.0, 8.0, 50.0, 40.0]]), labels=torch.tensor([1]))]
+    images = torch.rand(1, 3, 64, 64)
+    losses = {}
+    for options in (None, {"kernel_size": 3, "iterations": 5}):
+        torch.manual_seed(0)
+        model = SOLOv2(3, mask_loss="lp", loss_options=options, **TINY)
+        seen.clear()
+        losses[str(options)] = float(model(images, targets=targets)["loss_mask"])
+        assert seen == [options]
+    assert losses["None"] != losses[str({"kernel_size": 3, "iterations": 5})]
+    for bad, message in (({"kernel_size": 4}, "kernel_size"), ({"lp_kernel": 3}, "unknown key"),
+                         ({"zeta_s": -1.0}, "zeta_s"), ("kernel_size=3", "dict")):
+        with pytest.raises((TypeError, ValueError), match=message) as info:
+            SOLOv2(3, mask_loss="apro", loss_options=bad, **TINY)
+        assert "loss_options" in str(info.value)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..losses import BOX_MASK_LOSSES, PROJECTION_WEIGHT, box_mask_loss, box_projection_loss, tree_guide
+from ..losses.registry import check_box_loss_options
 from ..tree import minimum_spanning_tree
 from ._inputs import check_forward_inputs
 from ._feature_cache import cached_backbone_features, check_cache_dir, check_cacheable
@@ -338,6 +339,20 @@ PAPER_SETTINGS = dict(
     scale_ranges=((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048)))
 
 
+def _checked_loss_options(mask_loss: str, options) -> dict | None:
+    """``loss_options`` checked at construction (keys and values, by one loss call on a 4 x 4
+    box), so that a bad setting fails here and not at the first training step."""
+    if options is None:
+        return None
+    try:
+        options = check_box_loss_options(options)
+        box_mask_loss(mask_loss, torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4), torch.zeros(1, 3, 4, 4),
+                      options=options)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"loss_options: {err}") from None
+    return options
+
+
 class SOLOv2(nn.Module):
     """SOLOv2 instance segmentation trained from boxes.
 
@@ -380,6 +395,10 @@ class SOLOv2(nn.Module):
             pixels), so that later runs on the same images (the variants and seeds of an
             ablation) read them instead of computing them. About 1.9 MB per entry for
             EfficientNet-Lite0 at short sides 448-544 (measured on COCO person).
+        loss_options: None (the released head's settings: GP ``zeta_gl`` 0.01 / ``zeta_gh``
+            0.07, LP 5 x 5 with 20 steps, weights 2 / 1) or a dict overriding some of them,
+            keys of ``apro.losses.registry.BOX_LOSS_OPTIONS`` (e.g. ``{"kernel_size": 3}``: the
+            released LP assumes stride-4 masks; docs/instance.md measures it at stride 8).
 
     The defaults are a small CPU configuration; ``PAPER_SETTINGS`` holds the R50 one.
     """
@@ -395,7 +414,8 @@ class SOLOv2(nn.Module):
                  score_threshold: float = 0.1, mask_threshold: float = 0.5, update_threshold: float = 0.05,
                  nms_pre: int = 500, max_detections: int = 100, nms_kernel: str = "gaussian",
                  nms_sigma: float = 2.0, pairwise_warmup: int = 0, frozen_stages: int | None = None,
-                 cache_backbone: bool = False, cache_dir: str | None = None):
+                 cache_backbone: bool = False, cache_dir: str | None = None,
+                 loss_options: dict | None = None):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
@@ -410,6 +430,7 @@ class SOLOv2(nn.Module):
             raise ValueError(f"mask_loss must be one of {sorted(BOX_MASK_LOSSES)}, got {mask_loss!r}")
         self.num_classes = num_classes
         self.mask_loss = mask_loss
+        self.loss_options = _checked_loss_options(mask_loss, loss_options)
         self.mask_stride = mask_stride
         self.grid_sizes = tuple(int(s) for s in grid_sizes)
         self.scale_ranges = tuple((float(a), float(b)) for a, b in scale_ranges)
@@ -526,10 +547,11 @@ class SOLOv2(nn.Module):
             if self.mask_loss in _TREE_LOSSES:
                 tree = minimum_spanning_tree(tree_guide(self.mask_loss, small)).select(image_index)
             loss_mask, terms = box_mask_loss(self.mask_loss, mask_logits, targets_p, small[image_index.to(device)],
-                                             tree=tree, return_terms=True)
+                                             tree=tree, return_terms=True, options=self.loss_options)
             ramp = self._pairwise_ramp()
             if ramp < 1.0 and self.mask_loss != "projection":
-                projection = PROJECTION_WEIGHT * box_projection_loss(mask_logits, targets_p)
+                weight = (self.loss_options or {}).get("projection_weight", PROJECTION_WEIGHT)
+                projection = weight * box_projection_loss(mask_logits, targets_p)
                 loss_mask = projection + ramp * (loss_mask - projection)
         else:
             # No object: an exact zero that keeps every parameter in the graph (DDP) and reports
@@ -537,7 +559,7 @@ class SOLOv2(nn.Module):
             untouched = sum(k.sum() for k in kernels) + mask_features.sum()
             dummy = (0.0 * untouched).expand(1, 1, mask_h, mask_w)
             loss_mask, terms = box_mask_loss(self.mask_loss, dummy, torch.zeros_like(dummy), small[:1],
-                                             return_terms=True)
+                                             return_terms=True, options=self.loss_options)
             loss_mask = loss_mask + 0.0 * untouched
         for name, value in terms.items():
             if name != "total":
