@@ -15,7 +15,8 @@ from apro.engine import list_checkpoints, load_checkpoint
 from apro.tasks.box import BoxConfig, build_model, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-RECIPES = ("pennfudan", "coco_person", "coco_mini20", "coco_person_lite2")
+RECIPES = ("pennfudan", "coco_person", "coco_mini20", "coco_person_lite2", "coco_person_lp3")
+VARIANT_SUFFIXES = ("_lite2", "_lp3")  # experiment configs: a recipe with one change, on its set
 TINY = dict(fpn_channels=16, head_channels=16, mask_channels=8, mask_branch_channels=16,
             grid_sizes=[8, 4], scale_ranges=[[1, 32], [24, 4096]])
 
@@ -39,7 +40,10 @@ def test_shipped_recipe_loads_validates_and_names_no_machine_path(name, tmp_path
     raw = json.loads(path.read_text())
     for key in ("data", "ann", "eval_ann"):
         assert raw[key] and not Path(raw[key]).is_absolute(), key
-        assert raw[key].startswith(f"{name.removesuffix('_lite2')}/"), key
+        base = name
+        for suffix in VARIANT_SUFFIXES:
+            base = base.removesuffix(suffix)
+        assert raw[key].startswith(f"{base}/"), key
     assert "/work/" not in path.read_text()
     config = BoxConfig.from_json(path, data_root=str(tmp_path)).validate()
     assert config.data == str(tmp_path / raw["data"]) and config.eval_ann == str(tmp_path / raw["eval_ann"])
