@@ -422,6 +422,21 @@ def target_quality(run_dirs, batches: int) -> list[dict]:
     return rows
 
 
+def _print_by_width(rows, what: str, cell) -> None:
+    """One markdown table per run: a row per target, a column per box-width bin (positives in
+    the header), ``cell(row)`` in each cell."""
+    for run in dict.fromkeys(r["run"] for r in rows):
+        mine = [r for r in rows if r["run"] == run]
+        count = {r["width"]: r["positives"] for r in mine}
+        bins = [label for label, _, _ in _WIDTH_BINS]
+        print(f"\n{Path(run).name}: {what}, by box width in mask pixels (positives)\n")
+        print("| target | " + " | ".join(f"{b} ({count.get(b, 0)})" for b in bins) + " |")
+        print("|---" * (len(bins) + 1) + "|")
+        table = {(r["target"], r["width"]): r for r in mine}
+        for target in dict.fromkeys(r["target"] for r in mine):
+            print(f"| {target} | " + " | ".join(cell(table[(target, b)]) for b in bins) + " |")
+
+
 def qualitative_grid(values, set_dir: Path, models, losses, path: Path, images: int, seed: int) -> Path:
     """PNG: columns = the first ``images`` val images; first row the photo with its ground-truth
     boxes, then one row per trained variant of ``seed`` (its detections scored >= 0.3, masks
@@ -562,20 +577,13 @@ def main(argv=None) -> int:
               f"{c['projection']:.3f} | {c['apro']:.3f} | {c['ratio']:.2f} |")
         return 0
     if args.targets:
-        rows = target_drift(args.targets, args.target_batches)
-        print("| run | target | box width (mask px) | positives | fg pixels | mean target - p where p > 0.5 |")
-        print("|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {Path(r['run']).name} | {r['target']} | {r['width']} | {r['positives']} | {r['pixels']} | "
-                  f"{r['mean']:+.3f} |")
+        _print_by_width(target_drift(args.targets, args.target_batches),
+                        "mean target - p over the box pixels where p > 0.5", lambda r: f"{r['mean']:+.3f}")
         return 0
     if args.target_quality:
-        rows = target_quality(args.target_quality, args.target_batches)
-        print("| run | target | box width (mask px) | positives | IoU with GT mask in box (%) | mean abs(target - mask) |")
-        print("|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {Path(r['run']).name} | {r['target']} | {r['width']} | {r['positives']} | {r['iou']:.1f} | "
-                  f"{r['l1']:.3f} |")
+        _print_by_width(target_quality(args.target_quality, args.target_batches),
+                        "IoU (%) of target > 0.5 with the GT mask in the box (mean |target - mask|)",
+                        lambda r: f"{r['iou']:.1f} ({r['l1']:.3f})")
         return 0
     if args.grid:
         path = qualitative_grid(values, set_dir, args.models, args.variants, Path(args.grid), args.grid_images,
