@@ -109,6 +109,16 @@ def _test_short_side(config) -> int:
     return int(getattr(config, "test_short_side", None) or max(config.short_sides))
 
 
+def _clear_unstarted(run_dir: Path) -> None:
+    """Drop the logs of a run stopped before its first checkpoint: there is nothing to resume,
+    and the trainer refuses a folder that already holds logs."""
+    for name in ("log.csv", "log.jsonl", "train_seconds.json"):
+        path = run_dir / name
+        if path.exists():
+            print(f"  {run_dir}: no checkpoint to resume; removing the stale {name} and starting again", flush=True)
+            path.unlink()
+
+
 def run_one(values, model, mask_loss, seed, run_dir: Path, args) -> dict:
     """Train (or resume) and evaluate one run; returns its result row (also written to disk)."""
     from apro.engine.checkpoint import list_checkpoints
@@ -126,6 +136,8 @@ def run_one(values, model, mask_loss, seed, run_dir: Path, args) -> dict:
     started = run_dir / "started.json"
     if not found:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _clear_unstarted(run_dir)
+        seconds_before = 0.0
         started.write_text(json.dumps({"commit": git_commit(), "date": _now()}) + "\n")
     start = time.perf_counter()
     if not found or int(found[-1].stem.split("_")[-1]) < config.steps:

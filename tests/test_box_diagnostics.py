@@ -80,3 +80,17 @@ def test_target_quality_rows_follow_their_definitions(run):
     # the width bins partition the positives
     parts = sum(table[("p", label)]["positives"] for label, _, _ in bench._WIDTH_BINS[:-1])
     assert parts == table[("p", "all")]["positives"]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path):
+    """The runner removes the logs of a run with no checkpoint (the trainer refuses a folder
+    holding logs, so the run could never be restarted) and leaves its other files alone."""
+    bench = _bench()
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    for name in ("log.csv", "log.jsonl", "train_seconds.json"):
+        (stale / name).write_text("x\n")
+    (stale / "started.json").write_text("{}\n")
+    bench._clear_unstarted(stale)
+    assert sorted(p.name for p in stale.iterdir()) == ["started.json"]
+    bench._clear_unstarted(tmp_path / "empty")  # nothing there: nothing to do
