@@ -292,14 +292,13 @@ def _captured_losses(run_dir, batches: int):
     try:
         model.train()
         for k in range(batches):
-            items = [dataset[(k * config.batch_size + i) % len(dataset)] for i in range(config.batch_size)]
-            batch = collate_batch(items)
+            indices = [(k * config.batch_size + i) % len(dataset) for i in range(config.batch_size)]
+            batch = collate_batch([dataset[i] for i in indices])
             seen.clear()
             with torch.no_grad():
                 model(batch["images"], valid=batch["valid"], targets=batch["targets"])
             if "boxes" in seen:
-                yield dict(seen, batch=batch, dataset=dataset, indices=[(k * config.batch_size + i) % len(dataset)
-                                                                       for i in range(config.batch_size)])
+                yield dict(seen, batch=batch, dataset=dataset, indices=indices)
     finally:
         solov2.box_mask_loss, solov2.box_masks, solov2._dynamic_masks = real_loss, real_boxes, real_masks
 
@@ -437,10 +436,10 @@ def target_quality(run_dirs, batches: int) -> list[dict]:
 def _print_by_width(rows, what: str, cell) -> None:
     """One markdown table per run: a row per target, a column per box-width bin (positives in
     the header), ``cell(row)`` in each cell."""
+    bins = [label for label, _, _ in _WIDTH_BINS]
     for run in dict.fromkeys(r["run"] for r in rows):
         mine = [r for r in rows if r["run"] == run]
         count = {r["width"]: r["positives"] for r in mine}
-        bins = [label for label, _, _ in _WIDTH_BINS]
         print(f"\n{Path(run).name}: {what}, by box width in mask pixels (positives)\n")
         print("| target | " + " | ".join(f"{b} ({count.get(b, 0)})" for b in bins) + " |")
         print("|---" * (len(bins) + 1) + "|")
