@@ -643,6 +643,83 @@ def test_cache_dir_keeps_features_for_a_later_model(tmp_path, monkeypatch):
         SOLOv2(1, frozen_stages=4, cache_backbone=True, cache_dir=str(tmp_path / "file"), **TINY)
 
 
+def test_partly_frozen_cache_trains_the_later_stages(tmp_path, monkeypatch):
+    """With ``frozen_stages=3`` the cache keeps stages 1-3 of each image (computed once), stage 4
+    runs on them with gradient (so it trains, the frozen stages do not), the features match the
+    uncached backbone's, and the disk files are keyed by the frozen stages' weights only."""
+    torch.manual_seed(0)
+    cached = SOLOv2(3, frozen_stages=3, cache_backbone=True, cache_dir=str(tmp_path / "f"),
+                    mask_loss="projection", **TINY).train()
+    plain = SOLOv2(3, frozen_stages=3, mask_loss="projection", **TINY).train()
+    plain.load_state_dict(cached.state_dict())
+    images = torch.rand(2, 3, 128, 128)
+    images[1, :, 96:] = 0
+    targets = _targets()
+    for i, size in enumerate(((128, 128), (96, 128))):
+        targets[i].update(image_id=10 + i, size=size, flipped=False)
+    calls = []
+    stages = cached.backbone.forward_stages
+    monkeypatch.setattr(cached.backbone, "forward_stages",
+                        lambda x, first=1, last=4: calls.append((first, last)) or stages(x, first, last))
+    x = (images - cached.pixel_mean) / cached.pixel_std
+    got = cached._cached_features(x, targets)
+    assert calls == [(1, 3), (4, 4), (1, 3), (4, 4)]
+    with torch.no_grad():
+        full = plain.backbone(x[:1])
+        second = plain.backbone(x[1:, :, :96])
+    for g, f, s in zip(got, full, second):
+        assert torch.allclose(g[0].detach(), f[0], atol=2e-2 * float(f.abs().max()) + 1e-3)
+        h = s.shape[-2]
+        assert torch.allclose(g[1, :, :h].detach(), s[0], atol=2e-2 * float(s.abs().max()) + 1e-3)
+        assert float(g[1, :, h:].detach().abs().sum()) == 0.0
+    assert got[3].requires_grad and not any(g.requires_grad for g in got[:3])
+
+    calls.clear()
+    cached.zero_grad()
+    cached(images, targets=targets)["loss"].backward()
+    assert calls == [(4, 4), (4, 4)]  # the frozen stages come from the cache
+    stage_modules = cached.backbone.stage_modules()
+    assert all(p.grad is None for m in stage_modules[:4] for p in m.parameters())
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in stage_modules[4].parameters())
+
+    # the files do not depend on the trained stage 4, and differ from frozen_stages=4's
+    files = sorted((tmp_path / "f").rglob("*.pt"))
+    assert len(files) == 2
+    with torch.no_grad():
+        for p in stage_modules[4].parameters():
+            p.add_(1.0)
+    moved = SOLOv2(3, frozen_stages=3, cache_backbone=True, cache_dir=str(tmp_path / "f"),
+                   mask_loss="projection", **TINY).train()
+    moved.load_state_dict(cached.state_dict())
+    moved(images, targets=targets)
+    assert sorted((tmp_path / "f").rglob("*.pt")) == files
+    whole = SOLOv2(3, frozen_stages=4, cache_backbone=True, cache_dir=str(tmp_path / "f"),
+                   mask_loss="projection", **TINY).train()
+    whole.load_state_dict(cached.state_dict())
+    whole(images, targets=targets)
+    assert len(sorted((tmp_path / "f").rglob("*.pt"))) == 4
+    with pytest.raises(ValueError, match="frozen_stages=0"):
+        SOLOv2(1, frozen_stages=0, cache_backbone=True, **TINY)
+
+
+def test_backbone_stage_ranges_compose():
+    """``forward_stages`` over two ranges gives the features of one full forward; bad ranges are refused."""
+    from apro.modeling.backbones import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("efficientnet_lite0", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        full = backbone(x)
+        for k in (1, 2, 3):
+            head = backbone.forward_stages(x, 1, k)
+            tail = backbone.forward_stages(head[-1], k + 1, 4)
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(full, head + tail))
+    for first, last in ((0, 4), (3, 2), (1, 5), (1.0, 4)):
+        with pytest.raises(ValueError, match="forward_stages"):
+            backbone.forward_stages(x, first, last)
+
+
 def test_dynamic_masks_equal_the_gathered_product():
     from apro.modeling.solov2 import _dynamic_masks
 

@@ -1,8 +1,10 @@
 """Per-image cache of a frozen backbone's features (the ``cache_backbone`` option of the box models).
 
-A wholly frozen backbone gives an image the same features at every step, and on a CPU they are
+A frozen backbone gives an image the same features at every step, and on a CPU they are
 a third to a half of a training step. Each image's features are computed on the image alone
 (padded to a multiple of 32) and zero-padded to the batch, so batch padding never changes them.
+With only the first ``k`` stages frozen (``frozen_stages=k``, 1 <= k < 4) the features of
+stages 1..k are cached and the later, trained stages run on them at every step, per image.
 
 With a cache folder the features also outlive the run: every run of an ablation (same frozen
 backbone, same images, sizes and flips) then computes them once. A file is named by a hash of
@@ -22,10 +24,13 @@ from .backbones import STRIDES
 
 
 def check_cacheable(backbone, cache_backbone: bool, frozen_stages) -> bool:
-    """``cache_backbone`` as a bool, refused unless the whole backbone is frozen."""
-    if cache_backbone and getattr(backbone, "frozen_stages", None) != 4:
-        raise ValueError("cache_backbone=True needs the whole backbone frozen (frozen_stages=4), "
-                         f"got frozen_stages={frozen_stages!r}")
+    """``cache_backbone`` as a bool, refused unless at least the stem and stage 1 are frozen."""
+    if cache_backbone and getattr(backbone, "frozen_stages", 0) not in (1, 2, 3, 4):
+        raise ValueError("cache_backbone=True needs a frozen backbone prefix: frozen_stages=4 (the whole "
+                         f"backbone) or 1..3 (stem and first stages), got frozen_stages={frozen_stages!r}")
+    if cache_backbone and backbone.frozen_stages < 4 and not hasattr(backbone, "forward_stages"):
+        raise ValueError(f"cache_backbone with frozen_stages={frozen_stages} needs a backbone with "
+                         f"forward_stages(); {type(backbone).__name__} has none")
     return bool(cache_backbone)
 
 
@@ -67,8 +72,18 @@ def _hash_tensor(digest, tensor: torch.Tensor, name: str = "") -> None:
 
 
 def _weights_digest(backbone) -> str:
+    """Hash of the frozen part's weights: the whole backbone, or (``frozen_stages < 4``) the
+    stem and frozen stages, tagged with their number (the trained stages change every step)."""
+    stages = backbone.frozen_stages
     digest = hashlib.blake2b(type(backbone).__name__.encode(), digest_size=16)
-    for name, tensor in backbone.state_dict().items():
+    if stages == 4:
+        state = backbone.state_dict()
+    else:
+        digest.update(f"frozen_stages={stages}".encode())
+        state = {}
+        for index, module in enumerate(backbone.stage_modules()[:stages + 1]):
+            state.update({f"{index}.{k}": v for k, v in module.state_dict().items()})
+    for name, tensor in state.items():
         _hash_tensor(digest, tensor, name)
     return digest.hexdigest()
 
@@ -94,11 +109,14 @@ def cached_backbone_features(backbone, x: torch.Tensor, targets, cache: dict,
                              folder: FeatureFolder | None = None) -> list[torch.Tensor]:
     """Backbone features ``[(B, C_l, H / s_l, W / s_l)]`` of the normalised batch ``x`` from ``cache``.
 
-    ``cache`` maps ``(image_id, size, flipped)`` of a target to that image's features (float16);
-    missing entries are read from ``folder`` when it holds them, else computed without gradient,
-    and stored (in ``folder`` too when given). A dataset item must be a function of those three
-    keys (true of ``CocoBoxDataset``: no photometric augmentation).
+    ``cache`` maps ``(image_id, size, flipped)`` of a target to that image's features (float16)
+    of the frozen stages; missing entries are read from ``folder`` when it holds them, else
+    computed without gradient, and stored (in ``folder`` too when given). Trained later stages
+    (``backbone.frozen_stages < 4``) then run on each image's cached features, with gradient.
+    A dataset item must be a function of those three keys (true of ``CocoBoxDataset``: no
+    photometric augmentation).
     """
+    stages = backbone.frozen_stages
     per_image = []
     for b, target in enumerate(targets):
         try:
@@ -117,12 +135,15 @@ def cached_backbone_features(backbone, x: torch.Tensor, targets, cache: dict,
                 cached = _load(path, x.device)
             if cached is None:
                 with torch.no_grad():
-                    cached = [f.to(torch.float16) for f in backbone(pixels)]
+                    frozen = backbone(pixels) if stages == 4 else backbone.forward_stages(pixels, 1, stages)
+                    cached = [f.to(torch.float16) for f in frozen]
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     with atomic_path(path) as tmp:
                         torch.save([f.cpu() for f in cached], tmp)
             cache[key] = cached
+        if stages < 4:
+            cached = list(cached) + backbone.forward_stages(cached[-1].to(x.dtype), stages + 1, 4)
         per_image.append(cached)
     out = []
     for level in range(len(per_image[0])):

