@@ -95,7 +95,7 @@ def _miou(model, data, names):
     return sum(present) / len(present)
 
 
-def test_losses_have_the_terms_of_each_method():
+def test_losses_have_the_terms_of_each_method(monkeypatch):
     torch.manual_seed(0)
     logits = torch.randn(2, 21, 8, 8, requires_grad=True)
     feats = torch.randn(2, 16, 8, 8)
@@ -120,6 +120,17 @@ def test_losses_have_the_terms_of_each_method():
                                           lp_iterations=2), logits, feats, image, labels)
     assert torch.allclose(zero["loss"], zero["pce"]) and "feature" not in zero
     default = semantic_losses(SemanticConfig(loss="apro", lp_iterations=2), logits, feats, image, labels)
+    import apro.losses.sparse as sparse
+
+    for weights, skipped in (((0.2, 0.0), "local_propagation"), ((0.0, 0.2), "two_stage_gp")):
+        with monkeypatch.context() as m:
+            m.setattr(sparse, skipped, lambda *a, **k: pytest.fail(f"{skipped} ran for a weight of 0"))
+            one = semantic_losses(SemanticConfig(loss="apro", global_weight=weights[0], local_weight=weights[1],
+                                                 lp_iterations=2), logits, feats, image, labels)
+        assert set(one) == {"pce", "global", "local", "loss"}
+        kept, dropped = ("global", "local") if weights[0] else ("local", "global")
+        assert float(one[dropped]) == 0.0 and torch.allclose(one[kept], default[kept])
+        assert torch.allclose(one["loss"], one["pce"] + one[kept])
     assert set(default) == {"pce", "global", "local", "loss"}  # the tuned default runs no feature GP
     tel = semantic_losses(SemanticConfig(loss="treeenergy", feature_weight=0), logits, feats, image, labels)
     assert torch.allclose(tel["treeenergy"], terms_tel["treeenergy"])  # TEL keeps its high-level tree

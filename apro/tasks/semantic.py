@@ -171,15 +171,19 @@ def semantic_losses(config: SemanticConfig, logits: torch.Tensor, features: torc
             terms.update(_tree_energy_terms(logits, small_labels, small_image, config.sigma, config.pairwise_weight,
                                             255, None, feats, config.sigma_high))
         else:
+            # A term of weight 0 is not computed at all; its log column stays, at zero.
             if not float(config.feature_weight) > 0:
-                feats = None  # weight 0: the feature GP is not run at all
-            terms.update(_apro_sparse_terms(
-                logits, small_labels, small_image, "gp-lp-p", config.zeta_g, config.zeta_gh, config.zeta_s,
-                config.kernel_size, config.lp_iterations, 1.0, 255, None, feats, config.zeta_f, 1.0))
-            terms["global"] = terms["global"] * config.global_weight
-            terms["local"] = terms["local"] * config.local_weight
-            if "feature" in terms:
-                terms["feature"] = terms["feature"] * config.feature_weight
+                feats = None
+            run_global, run_local = float(config.global_weight) > 0, float(config.local_weight) > 0
+            variant = "gp-lp-p" if run_global and run_local else ("lp" if run_local else "gp")
+            apro = _apro_sparse_terms(
+                logits, small_labels, small_image, variant, config.zeta_g, config.zeta_gh, config.zeta_s,
+                config.kernel_size, config.lp_iterations, 1.0, 255, None, feats, config.zeta_f, 1.0)
+            zero = terms["pce"].new_zeros(())
+            terms["global"] = apro["global"] * config.global_weight if run_global else zero
+            terms["local"] = apro["local"] * config.local_weight if run_local else zero
+            if "feature" in apro:
+                terms["feature"] = apro["feature"] * config.feature_weight
     terms["loss"] = sum(terms.values())
     return terms
 
