@@ -43,6 +43,24 @@ def check_box_loss_options(options) -> dict:
     return dict(options)
 
 
+def check_box_loss(name: str, options=None) -> dict:
+    """Check a box mask loss and its ``options`` where a model is built, not at its first step.
+
+    Keys and values are checked by one call of the loss on a 4 x 4 box, so every setting is
+    refused with the message the loss itself would give. Returns a copy of the options."""
+    if name not in BOX_MASK_LOSSES:
+        raise ValueError(f"unknown box mask loss {name!r}; choose one of {', '.join(BOX_MASK_LOSSES)}")
+    try:
+        options = check_box_loss_options(options)
+    except TypeError as err:
+        raise ValueError(str(err)) from None
+    try:
+        _box_terms(name, torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4), torch.zeros(1, 3, 4, 4), None, options)
+    except TypeError as err:
+        raise ValueError(str(err)) from None
+    return options
+
+
 def _box_terms(name: str, logits, box_mask, image, tree, options=None) -> Dict[str, torch.Tensor]:
     """Weighted terms of ``BOX_MASK_LOSSES[name]`` (they sum to the loss)."""
     check_image(image, logits, "logits")

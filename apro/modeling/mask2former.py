@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..losses import BOX_MASK_LOSSES, box_mask_loss, tree_guide
+from ..losses.registry import check_box_loss
 from ..tree import minimum_spanning_tree
 from ._feature_cache import cached_backbone_features, check_cache_dir, check_cacheable
 from ._inputs import check_forward_inputs
@@ -271,7 +272,10 @@ class Mask2Former(nn.Module):
                                  gp_size=self.gp_size, zeta_gl=zeta_gl, zeta_gh=zeta_gh, zeta_s=zeta_s,
                                  kernel_size=lp_kernel_size, iterations=lp_iterations,
                                  global_weight=global_weight, local_weight=local_weight)
-        _check_loss_settings(self.loss_options)
+        try:
+            check_box_loss(mask_loss, self.loss_options)
+        except ValueError as err:  # lp_kernel_size and lp_iterations are kernel_size and iterations there
+            raise ValueError(f"mask loss settings: {err}") from None
         self.matcher = HungarianMatcher(match_class_weight, match_projection_weight)
         weights = torch.ones(num_classes + 1)
         weights[-1] = float(no_object_weight)
@@ -454,24 +458,3 @@ class Mask2Former(nn.Module):
             order = torch.argsort(score[keep], descending=True)
             results.append(dict(masks=binary[keep][order], labels=label[keep][order], scores=score[keep][order]))
         return results
-
-
-def _check_loss_settings(options: dict) -> None:
-    """Fail at construction, not at the first step, on a bad mask-loss setting."""
-    if options["normalization"] not in ("instance", "total"):
-        raise ValueError(f"normalization must be 'instance' or 'total', got {options['normalization']!r}")
-    if options["gp_size"] is not None and min(options["gp_size"]) < 2:
-        raise ValueError(f"gp_size must be None or an integer >= 2, got {options['gp_size'][0]!r}")
-    for name in ("zeta_gl", "zeta_gh", "zeta_s"):
-        if not (isinstance(options[name], (int, float)) and math.isfinite(options[name]) and options[name] > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {options[name]!r}")
-    for name in ("projection_weight", "global_weight", "local_weight"):
-        if not (isinstance(options[name], (int, float)) and math.isfinite(options[name]) and options[name] >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {options[name]!r}")
-    k, t = options["kernel_size"], options["iterations"]
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
-        raise ValueError(f"lp_kernel_size must be an odd integer >= 1, got {k!r}")
-    if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-        raise ValueError(f"lp_iterations must be an integer >= 1, got {t!r}")
-
-
