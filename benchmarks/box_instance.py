@@ -17,6 +17,7 @@ the first run of a set computes them. Examples::
     python benchmarks/box_instance.py --set pennfudan --table-only
     python benchmarks/box_instance.py --set pennfudan --cost --cost-pairs 10
     python benchmarks/box_instance.py --set pennfudan --grid docs/pennfudan_grid.png
+    python benchmarks/box_instance.py --set coco_person --variants projection apro --thresholds 0.5 0.6 0.7
     python benchmarks/box_instance.py --set coco_person --targets runs/bench/coco_person/solov2-apro-s0
     python benchmarks/box_instance.py --set coco_person --target-quality runs/bench/coco_person/solov2-apro-s0
     python benchmarks/box_instance.py --synthetic --variants projection apro --seeds 0
@@ -168,6 +169,51 @@ def run_one(values, model, mask_loss, seed, run_dir: Path, args) -> dict:
     }
     done.write_text(json.dumps(row, indent=1) + "\n")
     return row
+
+
+def threshold_scan(run_dir: Path, values: dict, thresholds, args) -> dict:
+    """Mask AP of one finished run at each test mask threshold, on its training images (whose
+    masks training never reads) and on val; the threshold a user may choose is the one best on
+    the training images. Written to ``<run>/thresholds.json``; redone only for new thresholds."""
+    from apro.data import CocoBoxDataset
+    from apro.engine.checkpoint import list_checkpoints
+    from apro.tasks.box import evaluate_model, load_trained_model, set_test_thresholds
+
+    path = run_dir / "thresholds.json"
+    done = json.loads(path.read_text()) if path.exists() else {"train": {}, "val": {}}
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint")
+    model, config, _ = load_trained_model(found[-1])
+    category_ids = CocoBoxDataset(config.data, config.ann, train=True, check_files=False).category_ids
+    splits = {"train": (config.data, config.ann), "val": (config.eval_data or config.data, config.eval_ann)}
+    for t in thresholds:
+        for split, (images, ann) in splits.items():
+            if f"{t:g}" in done[split]:
+                continue
+            set_test_thresholds(model, mask_threshold=t)
+            scores = evaluate_model(model, images, ann, short_side=_test_short_side(config), max_size=config.max_size,
+                                    category_ids=category_ids, progress=not args.quiet)
+            done[split][f"{t:g}"] = {k: scores[k] for k in ("AP", "AP50", "AP75")}
+            done.update(checkpoint=found[-1].name, commit=git_commit(), date=_now(),
+                        command="python " + " ".join(shlex.quote(a) for a in sys.argv))
+            path.write_text(json.dumps(done, indent=1) + "\n")
+    return done
+
+
+def threshold_table(rows: dict) -> str:
+    """Per run: train and val AP at each mask threshold, and val AP at the train-chosen one."""
+    keys = sorted({t for r in rows.values() for t in r["val"]}, key=float)
+    lines = ["| run | " + " | ".join(f"train AP @{t}" for t in keys) + " | " + " | ".join(f"val AP @{t}" for t in keys)
+             + " | chosen on train | val AP / AP50 / AP75 there |",
+             "|---|" + "---|" * (2 * len(keys) + 2)]
+    for name, r in rows.items():
+        best = max(keys, key=lambda t: r["train"].get(t, {}).get("AP", -1.0))
+        v = r["val"][best]
+        lines.append(f"| {name} | " + " | ".join(f"{r['train'][t]['AP']:.1f}" for t in keys) + " | "
+                     + " | ".join(f"{r['val'][t]['AP']:.1f}" for t in keys)
+                     + f" | {best} | {v['AP']:.1f} / {v['AP50']:.1f} / {v['AP75']:.1f} |")
+    return "\n".join(lines)
 
 
 def table(set_dir: Path, eval_ann: str, models, losses) -> str:
@@ -545,6 +591,9 @@ def main(argv=None) -> int:
                         "are to the ground-truth masks of these trained runs' training batches, by box width, "
                         "and stop")
     p.add_argument("--target-batches", type=int, default=8)
+    p.add_argument("--thresholds", nargs="+", type=float, metavar="T",
+                   help="score every finished run of --models/--variants/--seeds at these test mask thresholds "
+                        "on its training images and on val, print the table and stop")
     p.add_argument("--feature-cache", default=None,
                    help="folder keeping a cached frozen backbone's features for every run (default "
                         "<out>/_features; 'none': in memory only, per run)")
@@ -595,6 +644,19 @@ def main(argv=None) -> int:
         _print_by_width(target_quality(args.target_quality, args.target_batches),
                         "IoU (%) of target > 0.5 with the GT mask in the box (mean |target - mask|)",
                         lambda r: f"{r['iou']:.1f} ({r['l1']:.3f})")
+        return 0
+    if args.thresholds:
+        rows = {}
+        for model in args.models:
+            for loss in args.variants:
+                for seed in args.seeds:
+                    run_dir = set_dir / f"{model}-{loss}-s{seed}"
+                    if (run_dir / "result.json").exists():
+                        rows[run_dir.name] = threshold_scan(run_dir, values, args.thresholds, args)
+        if not rows:
+            print(f"error: no finished run under {set_dir} for these models, variants and seeds", file=sys.stderr)
+            return 2
+        print(threshold_table(rows))
         return 0
     if args.grid:
         path = qualitative_grid(values, set_dir, args.models, args.variants, Path(args.grid), args.grid_images,

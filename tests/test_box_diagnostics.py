@@ -35,7 +35,7 @@ def run(tmp_path_factory):
     out = root / "run"
     args = ["train", "box", "--data", data.image_dir, "--ann", data.eval_ann, "--out", str(out), "--steps", "2",
             "--batch-size", "2", "--short-sides", "96", "--max-size", "96", "--no-pretrained", "--warmup-steps", "1",
-            "--quiet", "--mask-loss", "apro"]
+            "--quiet", "--mask-loss", "apro", "--eval-ann", data.eval_ann]
     for key, value in TINY.items():
         args += ["--model-option", f"{key}={json.dumps(value)}"]
     assert main(args) == 0
@@ -94,3 +94,37 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path):
     bench._clear_unstarted(stale)
     assert sorted(p.name for p in stale.iterdir()) == ["started.json"]
     bench._clear_unstarted(tmp_path / "empty")  # nothing there: nothing to do
+
+
+def test_threshold_scan_scores_both_splits_once_and_picks_on_train(run, monkeypatch, capsys):
+    """``--thresholds``: AP per mask threshold on the training JSON and on val, the same numbers
+    `apro eval box --mask-threshold` prints, kept on disk and not recomputed, and the table's
+    choice is the threshold best on the training images."""
+    import argparse
+
+    bench = _bench()
+    args = argparse.Namespace(quiet=True)
+    rows = bench.threshold_scan(run, {}, [0.3, 0.7], args)
+    assert set(rows["train"]) == set(rows["val"]) == {"0.3", "0.7"}
+    for split in ("train", "val"):
+        for scores in rows[split].values():
+            assert all(0.0 <= scores[k] <= 100.0 or scores[k] == -100.0 for k in ("AP", "AP50", "AP75"))
+    out = run / "eval_at_0.3.json"
+    from apro.engine import load_checkpoint
+
+    ckpt_config = load_checkpoint(run)["config"]
+    assert main(["eval", "box", str(run), "--data", ckpt_config["data"], "--ann", ckpt_config["ann"], "--quiet",
+                 "--mask-threshold", "0.3", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["model"]["AP"] == pytest.approx(rows["train"]["0.3"]["AP"])
+
+    import apro.tasks.box as box
+
+    def refuse(*a, **k):
+        raise AssertionError("a threshold already on disk was scored again")
+
+    monkeypatch.setattr(box, "evaluate_model", refuse)
+    assert bench.threshold_scan(run, {}, [0.7, 0.3], args) == rows
+    rows["train"]["0.3"]["AP"], rows["train"]["0.7"]["AP"] = 10.0, 20.0
+    rows["val"]["0.3"]["AP"], rows["val"]["0.7"]["AP"] = 30.0, 5.0
+    line = bench.threshold_table({"r": rows}).splitlines()[-1]
+    assert "| 0.7 | 5.0 /" in line  # chosen on train (20 > 10), not on val (30 > 5)

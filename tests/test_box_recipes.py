@@ -103,6 +103,29 @@ def test_evaluation_scale_follows_the_config(synthetic, tmp_path, monkeypatch, c
     assert main(["eval", "box", str(out), "--data", synthetic.image_dir, "--ann", synthetic.eval_ann, "--quiet"]) == 0
     assert seen and set(seen) == {(48,)}
 
+    # the test thresholds are overridden for this evaluation only, and bad ones are refused
+    from apro.modeling import SOLOv2
+
+    used = []
+    forward = SOLOv2.forward
+
+    def spy_forward(self, *a, **k):
+        used.append((self.mask_threshold, self.score_threshold))
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(SOLOv2, "forward", spy_forward)
+    scores = tmp_path / "scores.json"
+    assert main(["eval", "box", str(out), "--data", synthetic.image_dir, "--ann", synthetic.eval_ann, "--quiet",
+                 "--mask-threshold", "0.35", "--score-threshold", "0.2", "--json", str(scores)]) == 0
+    assert used and set(used) == {(0.35, 0.2)}
+    written = json.loads(scores.read_text())
+    assert (written["mask_threshold"], written["score_threshold"]) == (0.35, 0.2)
+    assert "mask threshold 0.35" in capsys.readouterr().out
+    for bad in ("1.5", "0", "nan"):
+        assert main(["eval", "box", str(out), "--data", synthetic.image_dir, "--ann", synthetic.eval_ann,
+                     "--quiet", "--mask-threshold", bad]) == 2
+        assert "--mask-threshold must be in (0, 1)" in capsys.readouterr().err
+
 
 def test_frozen_cached_backbone_trains_only_the_heads(synthetic, tmp_path):
     """Through the engine, a recipe with the whole backbone frozen and cached leaves every

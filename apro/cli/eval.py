@@ -22,6 +22,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ann", metavar="EVAL.json", required=True, help="COCO instances JSON with segmentation")
     p.add_argument("--short-side", dest="short_side", type=int, metavar="PX",
                    help="resize images to this short side (default: the run's test_short_side)")
+    p.add_argument("--mask-threshold", dest="mask_threshold", type=float, metavar="T",
+                   help="binarise the soft masks at T instead of the run's model_options value")
+    p.add_argument("--score-threshold", dest="score_threshold", type=float, metavar="S",
+                   help="drop detections scored below S instead of the run's model_options value")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--box-baseline", dest="box_baseline", action="store_true",
@@ -38,7 +42,7 @@ def run(args) -> int:
 
     from ..evaluation import evaluate_masks, filled_box_predictions
     from ..engine import CheckpointError
-    from ..tasks.box import evaluate_model, load_trained_model
+    from ..tasks.box import evaluate_model, load_trained_model, set_test_thresholds
     from .train import format_scores
 
     if args.batch_size < 1:
@@ -54,13 +58,20 @@ def run(args) -> int:
         raise CommandError(str(err)) from None
     if "category_ids" not in meta:
         raise CommandError(f"{args.checkpoint} does not record the COCO category ids of its classes")
+    try:
+        set_test_thresholds(model, mask_threshold=args.mask_threshold, score_threshold=args.score_threshold)
+    except ValueError as err:
+        raise CommandError(str(err).replace("mask_threshold", "--mask-threshold")
+                           .replace("score_threshold", "--score-threshold")) from None
     short_side = args.short_side or config.test_short_side
     try:
         scores = evaluate_model(model, args.data, args.ann, short_side=short_side, max_size=config.max_size,
                                 category_ids=meta["category_ids"], batch_size=args.batch_size,
                                 progress=not args.quiet)
-        print(format_scores(scores))
-        result = {"model": scores}
+        print(format_scores(scores) + f" (mask threshold {model.mask_threshold:g}, "
+              f"score threshold {model.score_threshold:g})")
+        result = {"model": scores, "mask_threshold": model.mask_threshold,
+                  "score_threshold": model.score_threshold}
         if args.box_baseline:
             box = evaluate_masks(filled_box_predictions(args.ann), args.ann)
             print("filled boxes: " + format_scores(box))

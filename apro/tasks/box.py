@@ -188,6 +188,28 @@ def load_trained_model(path, device="cpu"):
     return load(path, device=device, task=BoxTask.name)
 
 
+def set_test_thresholds(model: nn.Module, *, mask_threshold: Optional[float] = None,
+                        score_threshold: Optional[float] = None) -> nn.Module:
+    """Override the test-time thresholds of a trained box-task model in place (``None`` keeps
+    the value it was trained with) and return it.
+
+    ``mask_threshold`` binarises the soft masks (SOLOv2: before matrix NMS, so it changes which
+    detections survive, not only their pixels; Mask2Former: also its masked attention);
+    ``score_threshold`` drops detections scored below it. Both must lie in (0, 1). A recipe's
+    thresholds are a choice to make on training images, never on the split that is reported.
+    """
+    for name, value in (("mask_threshold", mask_threshold), ("score_threshold", score_threshold)):
+        if value is None:
+            continue
+        value = float(value)
+        if not 0.0 < value < 1.0 or value != value:
+            raise ValueError(f"{name} must be in (0, 1) (predictions are probabilities), got {value!r}")
+        if not hasattr(model, name):
+            raise ValueError(f"{type(model).__name__} has no {name} to override")
+        setattr(model, name, value)
+    return model
+
+
 @torch.no_grad()
 def predict_coco(model: nn.Module, dataset, category_ids, batch_size: int = 2, progress: bool = True) -> list:
     """Run ``model`` over an evaluation :class:`apro.data.CocoBoxDataset` (``train=False``)
