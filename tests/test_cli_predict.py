@@ -92,6 +92,25 @@ def test_no_instance_is_said_honestly(run_dir, tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "p" / "photo.json").read_text())["instances"] == []
 
 
+def test_mask_threshold_reaches_the_model_and_the_json(run_dir, tmp_path, monkeypatch, capsys):
+    image = _photo(tmp_path / "photo.png")
+    seen = []
+
+    def segment(model, rgb, *a):
+        seen.append(model.mask_threshold)
+        return _two_overlapping(40, 60)
+
+    monkeypatch.setattr(predict_cli, "segment", segment)
+    assert main(["predict", "box", str(run_dir), str(image), "-o", str(tmp_path / "a"), "--quiet"]) == 0
+    trained = seen[-1]
+    assert json.loads((tmp_path / "a" / "photo.json").read_text())["mask_threshold"] == trained
+    chosen = 0.35 if trained != 0.35 else 0.45
+    assert main(["predict", "box", str(run_dir), str(image), "-o", str(tmp_path / "b"), "--quiet",
+                 "--mask-threshold", str(chosen)]) == 0
+    assert seen[-1] == chosen
+    assert json.loads((tmp_path / "b" / "photo.json").read_text())["mask_threshold"] == chosen
+
+
 def test_16bit_and_rotated_inputs_are_read_as_viewers_show_them(run_dir, tmp_path, monkeypatch, capsys):
     seen = []
 
@@ -115,6 +134,8 @@ def test_16bit_and_rotated_inputs_are_read_as_viewers_show_them(run_dir, tmp_pat
 @pytest.mark.parametrize("case, expected", [
     ("threshold_high", "--score-threshold must be in [0, 1]"),
     ("threshold_negative", "--score-threshold must be in [0, 1]"),
+    ("mask_threshold_one", "--mask-threshold must be in (0, 1)"),
+    ("mask_threshold_nan", "--mask-threshold must be in (0, 1)"),
     ("out_is_file", "is a file; -o names the output folder"),
     ("out_looks_like_file", "looks like a file name"),
     ("corrupt_second", "corrupt.png"),
@@ -129,6 +150,10 @@ def test_bad_inputs_write_nothing(run_dir, tmp_path, capsys, case, expected):
         extra = ["--score-threshold", "2"]
     elif case == "threshold_negative":
         extra = ["--score-threshold", "-0.1"]
+    elif case == "mask_threshold_one":
+        extra = ["--mask-threshold", "1"]
+    elif case == "mask_threshold_nan":
+        extra = ["--mask-threshold", "nan"]
     elif case == "out_is_file":
         out = tmp_path / "afile"
         out.write_text("keep me")

@@ -7,7 +7,8 @@ For each ``IMAGE`` (EXIF orientation applied, 16-bit images scaled; see
   (line width grows with the image size);
 * ``<name>_instance_001.png``, ``..._002.png``, ...: one 0/255 mask PNG per instance at the
   image's size, numbered by descending score (overlapping instances each keep their pixels);
-* ``<name>.json``: ``image``, ``width``, ``height``, ``score_threshold`` and ``instances``: one
+* ``<name>.json``: ``image``, ``width``, ``height``, ``score_threshold``, ``mask_threshold`` and
+  ``instances``: one
   record per instance with ``id``, COCO ``category_id``, ``score``, ``box`` [x0, y0, x1, y1]
   (x1/y1 exclusive), ``area``, ``mask_png`` and ``segmentation`` (COCO RLE, ``counts`` a string).
 
@@ -47,6 +48,9 @@ def add_parser(subparsers) -> None:
                    help="output folder (created if missing; files of the same names in it are replaced)")
     p.add_argument("--score-threshold", dest="score_threshold", type=float, default=0.3,
                    help="keep instances scoring at least this, in [0, 1] (default 0.3)")
+    p.add_argument("--mask-threshold", dest="mask_threshold", type=float, metavar="T",
+                   help="binarise the soft masks at T in (0, 1) (default: the run's model_options.mask_threshold); "
+                        "choose it on training images, e.g. with benchmarks/box_instance.py --thresholds")
     p.add_argument("--short-side", dest="short_side", type=int, metavar="PX",
                    help="resize to this short side (default: the run's test_short_side)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -155,10 +159,12 @@ def run(args) -> int:
     from PIL import Image
 
     from ..engine import CheckpointError
-    from ..tasks.box import load_trained_model
+    from ..tasks.box import load_trained_model, set_test_thresholds
 
     if not 0.0 <= args.score_threshold <= 1.0:
         raise CommandError(f"--score-threshold must be in [0, 1] (scores are probabilities), got {args.score_threshold}")
+    if args.mask_threshold is not None and not 0.0 < args.mask_threshold < 1.0:  # NaN fails too
+        raise CommandError(f"--mask-threshold must be in (0, 1) (masks are probabilities), got {args.mask_threshold}")
     if args.short_side is not None and args.short_side < 1:
         raise CommandError(f"--short-side must be >= 1, got {args.short_side}")
     if not Path(args.checkpoint).exists():
@@ -187,6 +193,9 @@ def run(args) -> int:
         model, config, meta = load_trained_model(args.checkpoint, device=device)
     except CheckpointError as err:
         raise CommandError(str(err)) from None
+    if args.mask_threshold is not None:
+        set_test_thresholds(model, mask_threshold=args.mask_threshold)
+    mask_threshold = float(getattr(model, "mask_threshold"))
     category_ids = meta.get("category_ids") or list(range(meta["num_classes"]))
     short_side = args.short_side or config.test_short_side
     iterator = zip(paths, stems)
@@ -213,7 +222,7 @@ def run(args) -> int:
             h, w = rgb.shape[:2]
             (staging / f"{stem}.json").write_text(json.dumps(
                 {"image": str(path), "width": w, "height": h, "score_threshold": args.score_threshold,
-                 "instances": records}, indent=2) + "\n")
+                 "mask_threshold": mask_threshold, "instances": records}, indent=2) + "\n")
             total += len(records)
             empty += not records
         if not out_dir.exists():
