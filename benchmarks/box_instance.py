@@ -216,6 +216,28 @@ def threshold_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def threshold_means(rows: dict) -> str:
+    """Per model and loss, the mean over its seeds of val AP at each mask threshold, and of
+    val AP / AP50 / AP75 at each run's train-chosen threshold."""
+    keys = sorted({t for r in rows.values() for t in r["val"]}, key=float)
+    groups: dict = {}
+    for name, r in rows.items():
+        base, _, seed = name.rpartition("-s")
+        groups.setdefault(base, []).append((seed, r))
+    lines = ["| run (mean over seeds) | seeds | " + " | ".join(f"val AP @{t}" for t in keys)
+             + " | val AP / AP50 / AP75 at the train-chosen threshold |", "|---|---|" + "---|" * (len(keys) + 1)]
+    for base, got in groups.items():
+        chosen = [r["val"][max(keys, key=lambda t: r["train"].get(t, {}).get("AP", -1.0))] for _, r in got]
+
+        def mean(values):
+            return f"{statistics.mean(values):.2f}"
+
+        lines.append(f"| {base} | {','.join(seed for seed, _ in got)} | "
+                     + " | ".join(mean([r["val"][t]["AP"] for _, r in got]) for t in keys) + " | "
+                     + " / ".join(mean([c[k] for c in chosen]) for k in ("AP", "AP50", "AP75")) + " |")
+    return "\n".join(lines)
+
+
 def table(set_dir: Path, eval_ann: str, models, losses) -> str:
     from apro.evaluation import evaluate_masks, filled_box_predictions
 
@@ -657,6 +679,8 @@ def main(argv=None) -> int:
             print(f"error: no finished run under {set_dir} for these models, variants and seeds", file=sys.stderr)
             return 2
         print(threshold_table(rows))
+        print()
+        print(threshold_means(rows))
         return 0
     if args.grid:
         path = qualitative_grid(values, set_dir, args.models, args.variants, Path(args.grid), args.grid_images,

@@ -128,3 +128,8 @@ def test_threshold_scan_scores_both_splits_once_and_picks_on_train(run, monkeypa
     rows["val"]["0.3"]["AP"], rows["val"]["0.7"]["AP"] = 30.0, 5.0
     line = bench.threshold_table({"r": rows}).splitlines()[-1]
     assert "| 0.7 | 5.0 /" in line  # chosen on train (20 > 10), not on val (30 > 5)
+    other = json.loads(json.dumps(rows))
+    other["train"]["0.3"]["AP"] = 50.0  # this seed's train choice is 0.3
+    means = bench.threshold_means({"solov2-apro-s0": rows, "solov2-apro-s1": other}).splitlines()[-1]
+    assert means.startswith("| solov2-apro | 0,1 |")
+    assert f"| 30.00 | 5.00 | {(5.0 + 30.0) / 2:.2f} / " in means  # per threshold, then at each run's choice
