@@ -201,6 +201,11 @@ def threshold_scan(run_dir: Path, values: dict, thresholds, args) -> dict:
     return done
 
 
+def _train_choice(scan: dict, keys) -> str:
+    """The mask threshold (a key of ``keys``) with the best AP on the training images."""
+    return max(keys, key=lambda t: scan["train"].get(t, {}).get("AP", -1.0))
+
+
 def threshold_table(rows: dict) -> str:
     """Per run: train and val AP at each mask threshold, and val AP at the train-chosen one."""
     keys = sorted({t for r in rows.values() for t in r["val"]}, key=float)
@@ -208,7 +213,7 @@ def threshold_table(rows: dict) -> str:
              + " | chosen on train | val AP / AP50 / AP75 there |",
              "|---|" + "---|" * (2 * len(keys) + 2)]
     for name, r in rows.items():
-        best = max(keys, key=lambda t: r["train"].get(t, {}).get("AP", -1.0))
+        best = _train_choice(r, keys)
         v = r["val"][best]
         lines.append(f"| {name} | " + " | ".join(f"{r['train'][t]['AP']:.1f}" for t in keys) + " | "
                      + " | ".join(f"{r['val'][t]['AP']:.1f}" for t in keys)
@@ -226,12 +231,12 @@ def threshold_means(rows: dict) -> str:
         groups.setdefault(base, []).append((seed, r))
     lines = ["| run (mean over seeds) | seeds | " + " | ".join(f"val AP @{t}" for t in keys)
              + " | val AP / AP50 / AP75 at the train-chosen threshold |", "|---|---|" + "---|" * (len(keys) + 1)]
+
+    def mean(values):
+        return f"{statistics.mean(values):.2f}"
+
     for base, got in groups.items():
-        chosen = [r["val"][max(keys, key=lambda t: r["train"].get(t, {}).get("AP", -1.0))] for _, r in got]
-
-        def mean(values):
-            return f"{statistics.mean(values):.2f}"
-
+        chosen = [r["val"][_train_choice(r, keys)] for _, r in got]
         lines.append(f"| {base} | {','.join(seed for seed, _ in got)} | "
                      + " | ".join(mean([r["val"][t]["AP"] for _, r in got]) for t in keys) + " | "
                      + " / ".join(mean([c[k] for c in chosen]) for k in ("AP", "AP50", "AP75")) + " |")

@@ -195,7 +195,7 @@ def run(args) -> int:
         raise CommandError(str(err)) from None
     if args.mask_threshold is not None:
         set_test_thresholds(model, mask_threshold=args.mask_threshold)
-    mask_threshold = float(getattr(model, "mask_threshold"))
+    mask_threshold = float(model.mask_threshold)
     category_ids = meta.get("category_ids") or list(range(meta["num_classes"]))
     short_side = args.short_side or config.test_short_side
     iterator = zip(paths, stems)
