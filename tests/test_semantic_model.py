@@ -107,3 +107,34 @@ def test_frozen_backbone_trains_the_decoder_only():
     assert all(p.grad is None for p in model.backbone.parameters())
     assert all(p.grad is not None for p in model.classifier.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
+
+
+def test_frozen_stages_trains_the_last_backbone_stage_and_the_decoder():
+    model = DeepLabV3Plus(21, pretrained=False, frozen_stages=3).train()
+    assert model.frozen_stages == 3 and not model.freeze_backbone
+    stages = model.backbone.stage_modules()
+    model(torch.rand(2, 3, 64, 64))["logits"].logsumexp(1).mean().backward()
+    for stage in stages[:4]:  # stem and stages 1-3
+        assert all(not p.requires_grad and p.grad is None for p in stage.parameters())
+    assert all(p.grad is not None for p in stages[4].parameters())
+    assert all(p.grad is not None for p in model.classifier.parameters())
+    # 4 is the whole backbone, the same as freeze_backbone=True; 0 trains all of it
+    assert DeepLabV3Plus(21, pretrained=False, frozen_stages=4).freeze_backbone
+    assert all(p.requires_grad for p in DeepLabV3Plus(21, pretrained=False, frozen_stages=0,
+                                                      freeze_backbone=True).backbone.parameters())
+    with pytest.raises(ValueError, match="frozen stages"):
+        DeepLabV3Plus(21, pretrained=False, frozen_stages=5)
+
+
+def test_semantic_config_frozen_stages_reaches_the_model():
+    from apro.tasks.semantic import SemanticConfig, build_model
+
+    config = SemanticConfig(frozen_stages=3, pretrained=False).validate()
+    model = build_model(config, 21)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable >= {"backbone", "aspp", "classifier"}
+    assert not any(p.requires_grad for n, p in model.backbone.named_parameters() if n.startswith("stem"))
+    with pytest.raises(ValueError, match="frozen_stages"):
+        SemanticConfig(frozen_stages=7).validate()
+    with pytest.raises(ValueError, match="frozen_stages"):
+        SemanticConfig(frozen_stages=True).validate()

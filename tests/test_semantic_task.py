@@ -281,3 +281,24 @@ def test_pseudo_labels_train_on_dense_maps(tmp_path):
 
     with pytest.raises(VocDataError, match="unknown class index 40"):
         ds[2]
+
+
+def test_cli_frozen_stages_trains_only_the_last_stage(tmp_path):
+    make_blocks(tmp_path / "data", n=4)
+    run = tmp_path / "run"
+    rc = main(["train", "semantic", "--data", str(tmp_path / "data"), "--crop", "64", "--long-side", "64",
+               "--batch-size", "2", "--quiet", "--device", "cpu", "--loss", "pce", "--steps", "2",
+               "--frozen-stages", "3", "--lr", "0.01", "--out", str(run)])
+    assert rc == 0
+    ckpt = load_checkpoint(run)
+    assert ckpt["config"]["frozen_stages"] == 3
+    from apro.tasks.semantic import SemanticConfig, build_model
+
+    start = build_model(SemanticConfig(frozen_stages=3), 21).state_dict()
+    trained = ckpt["model"]
+    weights = [k for k in trained if k.startswith("backbone.") and k.endswith(".weight") and "bn" not in k]
+    last_stage = [k for k in weights if any(k.startswith(f"backbone.blocks.{i}.") for i in range(11, 16))]
+    early = [k for k in weights if k not in last_stage]
+    assert last_stage and early
+    assert all(torch.equal(trained[k], start[k]) for k in early)
+    assert any(not torch.equal(trained[k], start[k]) for k in last_stage)

@@ -53,6 +53,9 @@ def add_train_parser(tasks) -> None:
                    help="train the decoder only (the default CPU recipe)")
     p.add_argument("--train-backbone", dest="freeze_backbone", action="store_false",
                    help="fine-tune the backbone too (paper scale)")
+    p.add_argument("--frozen-stages", dest="frozen_stages", type=int, choices=range(5), metavar="K",
+                   help="freeze only the stem and the first K backbone stages (0..4; replaces "
+                        "--freeze-backbone / --train-backbone)")
     p.add_argument("--crop", type=int, metavar="PX", help="square training crop (default 192; TEL 512)")
     p.add_argument("--long-side", dest="long_side", type=int, metavar="PX",
                    help="resize images to this long side before augmenting (default 256)")

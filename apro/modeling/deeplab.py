@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import build_backbone
+from .backbones import build_backbone, freeze_stages
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -60,11 +60,14 @@ class DeepLabV3Plus(nn.Module):
         channels: ASPP / decoder width.
         rates: ASPP dilation rates on the stride-32 map.
         freeze_backbone: no gradient into the backbone (only the decoder trains; faster steps).
+        frozen_stages: freeze only the stem and the first ``frozen_stages`` backbone stages
+            (0..4, see :func:`~apro.modeling.backbones.freeze_stages`); given, it replaces
+            ``freeze_backbone`` (4 is the same as ``freeze_backbone=True``, 0 trains everything).
     """
 
     def __init__(self, num_classes: int = 21, backbone: str = "efficientnet_lite0", pretrained: bool = True,
                  backbone_weights: Optional[str] = None, channels: int = 128, rates: Sequence[int] = (2, 4, 6),
-                 freeze_backbone: bool = False):
+                 freeze_backbone: bool = False, frozen_stages: Optional[int] = None):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
@@ -78,10 +81,17 @@ class DeepLabV3Plus(nn.Module):
         self.fuse = nn.Sequential(_conv(channels + 48, channels), _conv(channels, channels))
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         self.feature_channels = channels
-        self.freeze_backbone = bool(freeze_backbone)
-        if self.freeze_backbone:
+        if frozen_stages is None:
+            frozen_stages = 4 if freeze_backbone else 0
+        if hasattr(self.backbone, "stage_modules"):
+            freeze_stages(self.backbone, frozen_stages)
+        elif frozen_stages not in (0, 4):
+            raise ValueError(f"frozen_stages={frozen_stages!r} needs a backbone with stages; use 0 or 4")
+        elif frozen_stages == 4:
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
+        self.frozen_stages = frozen_stages
+        self.freeze_backbone = frozen_stages == 4
 
     def forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``image``: ``(B, 3, H, W)`` RGB in [0, 1], ``H, W`` multiples of 32."""

@@ -68,6 +68,8 @@ class SemanticConfig(EngineConfig):
     pretrained: bool = True
     decoder_channels: int = 128
     freeze_backbone: bool = True
+    # Only the stem and the first k backbone stages frozen (0..4); set, it replaces freeze_backbone
+    frozen_stages: Optional[int] = None
 
     crop: int = 192
     long_side: Optional[int] = 256
@@ -113,6 +115,9 @@ class SemanticConfig(EngineConfig):
             raise ValueError(f"crop must be a multiple of 32 (>= 32), got {self.crop!r}")
         if self.long_side is not None and int(self.long_side) < 32:
             raise ValueError(f"long_side must be >= 32 or null, got {self.long_side!r}")
+        if self.frozen_stages is not None and (isinstance(self.frozen_stages, bool) or self.frozen_stages
+                                               not in range(5)):
+            raise ValueError(f"frozen_stages must be null or an integer in 0..4, got {self.frozen_stages!r}")
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
             raise ValueError(f"scale must be [lo, hi] with 0 < lo <= hi, got {list(self.scale)!r}")
         for name in ("pairwise_weight", "global_weight", "feature_weight", "local_weight"):
@@ -134,7 +139,7 @@ def build_model(config: SemanticConfig, num_classes: int) -> nn.Module:
 
     return DeepLabV3Plus(num_classes, backbone=config.backbone, pretrained=config.pretrained,
                          backbone_weights=config.backbone_weights, channels=config.decoder_channels,
-                         freeze_backbone=config.freeze_backbone)
+                         freeze_backbone=config.freeze_backbone, frozen_stages=config.frozen_stages)
 
 
 def build_train_dataset(config: SemanticConfig):
