@@ -302,3 +302,15 @@ def test_cli_frozen_stages_trains_only_the_last_stage(tmp_path):
     assert last_stage and early
     assert all(torch.equal(trained[k], start[k]) for k in early)
     assert any(not torch.equal(trained[k], start[k]) for k in last_stage)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("semantic_*.json")),
+                         ids=lambda p: p.stem)
+def test_shipped_semantic_configs_load_and_validate(path):
+    from apro.tasks.semantic import SemanticConfig
+
+    config = SemanticConfig.from_json(path).validate()
+    raw = json.loads(path.read_text())
+    assert not any(isinstance(v, str) and (v.startswith("/") or ":\\" in v) for v in raw.values())
+    if path.stem == "semantic_stage4":
+        assert config.frozen_stages == 3 and config.lr_multipliers == {"backbone.": 0.1}
