@@ -138,3 +138,11 @@ def test_semantic_config_frozen_stages_reaches_the_model():
         SemanticConfig(frozen_stages=7).validate()
     with pytest.raises(ValueError, match="frozen_stages"):
         SemanticConfig(frozen_stages=True).validate()
+
+
+def test_resnet_keeps_its_frozen_stem_unless_frozen_stages_is_given():
+    default = DeepLabV3Plus(21, backbone="resnet50", pretrained=False, channels=16)
+    assert not any(p.requires_grad for p in default.backbone.layer1.parameters())
+    assert all(p.requires_grad for p in default.backbone.layer4.parameters())
+    every = DeepLabV3Plus(21, backbone="resnet50", pretrained=False, channels=16, frozen_stages=0)
+    assert all(p.requires_grad for p in every.backbone.parameters())

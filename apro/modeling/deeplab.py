@@ -81,17 +81,14 @@ class DeepLabV3Plus(nn.Module):
         self.fuse = nn.Sequential(_conv(channels + 48, channels), _conv(channels, channels))
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         self.feature_channels = channels
-        if frozen_stages is None:
-            frozen_stages = 4 if freeze_backbone else 0
-        if hasattr(self.backbone, "stage_modules"):
+        if frozen_stages is not None:
             freeze_stages(self.backbone, frozen_stages)
-        elif frozen_stages not in (0, 4):
-            raise ValueError(f"frozen_stages={frozen_stages!r} needs a backbone with stages; use 0 or 4")
-        elif frozen_stages == 4:
+        elif freeze_backbone:
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
-        self.frozen_stages = frozen_stages
-        self.freeze_backbone = frozen_stages == 4
+        # None: the backbone's own default (EfficientNet-Lite trains all of it, ResNet freezes stem + layer1)
+        self.frozen_stages = frozen_stages if frozen_stages is not None else (4 if freeze_backbone else None)
+        self.freeze_backbone = self.frozen_stages == 4
 
     def forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``image``: ``(B, 3, H, W)`` RGB in [0, 1], ``H, W`` multiples of 32."""
