@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import build_backbone, freeze_stages
+from .backbones import build_backbone
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -72,7 +72,11 @@ class DeepLabV3Plus(nn.Module):
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         self.num_classes = num_classes
-        self.backbone = build_backbone(backbone, pretrained=pretrained, weights=backbone_weights)
+        if frozen_stages is None and freeze_backbone:
+            frozen_stages = 4
+        # None keeps the backbone's own default (EfficientNet-Lite trains all of it, ResNet freezes stem + layer1)
+        self.backbone = build_backbone(backbone, pretrained=pretrained, weights=backbone_weights,
+                                       frozen_stages=frozen_stages)
         self.register_buffer("pixel_mean", torch.tensor(self.backbone.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.backbone.pixel_std).view(1, 3, 1, 1), persistent=False)
         c4, _, _, c32 = self.backbone.out_channels
@@ -81,14 +85,8 @@ class DeepLabV3Plus(nn.Module):
         self.fuse = nn.Sequential(_conv(channels + 48, channels), _conv(channels, channels))
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         self.feature_channels = channels
-        if frozen_stages is not None:
-            freeze_stages(self.backbone, frozen_stages)
-        elif freeze_backbone:
-            for p in self.backbone.parameters():
-                p.requires_grad_(False)
-        # None: the backbone's own default (EfficientNet-Lite trains all of it, ResNet freezes stem + layer1)
-        self.frozen_stages = frozen_stages if frozen_stages is not None else (4 if freeze_backbone else None)
-        self.freeze_backbone = self.frozen_stages == 4
+        self.frozen_stages = frozen_stages
+        self.freeze_backbone = frozen_stages == 4
 
     def forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``image``: ``(B, 3, H, W)`` RGB in [0, 1], ``H, W`` multiples of 32."""
