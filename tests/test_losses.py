@@ -738,3 +738,61 @@ def test_package_exports_contract_names():
     }
     assert {"pce", "treeenergy", "gp", "lp", "apro", "gp-lp-c", "lp-gp-c"} <= set(SPARSE_LOSSES)
     assert apro.losses is losses
+
+
+def _padded(x: torch.Tensor, size, fill: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, C, h, w)`` at the top left of ``fill`` ``(B, C, H, W)`` (the rest keeps ``fill``)."""
+    out = fill.clone()
+    out[..., :x.shape[-2], :x.shape[-1]] = x
+    return out
+
+
+@pytest.mark.parametrize("name", ["apro", "apro-cascade", "apro-features", "treeenergy", "treeenergy-features"])
+def test_sparse_losses_leave_out_padding_exactly(name):
+    """With ``valid``, a crop padded with arbitrary values scores exactly as the unpadded crop,
+    gradient included (padding is neither in the loss nor a neighbour through trees or windows)."""
+    g = torch.Generator().manual_seed(31)
+    b, k, h, w, size = 2, 4, 9, 11, (14, 16)
+    image = torch.rand(b, 3, h, w, generator=g, dtype=torch.float64)
+    image[:, :, :, 6:] = 0.5 * image[:, :, :, 6:] + 0.1  # some structure for the trees
+    logits = torch.randn(b, k, h, w, generator=g, dtype=torch.float64)
+    labels = torch.full((b, h, w), 255)
+    labels[:, 1, 1], labels[:, 7, 9], labels[0, 4, 5] = 0, 2, 3
+    feats = torch.randn(b, 5, h, w, generator=g, dtype=torch.float64)
+    p_image = _padded(image, size, torch.rand(b, 3, *size, generator=g, dtype=torch.float64))
+    p_logits = _padded(logits, size, 3 * torch.randn(b, k, *size, generator=g, dtype=torch.float64))
+    p_labels = _padded(labels[:, None], size, torch.full((b, 1) + size, 255))[:, 0]
+    p_feats = _padded(feats, size, 4 * torch.randn(b, 5, *size, generator=g, dtype=torch.float64))
+    valid = torch.zeros((b,) + size, dtype=torch.bool)
+    valid[:, :h, :w] = True
+
+    def loss(lg, lab, img, f, v):
+        if name.startswith("apro"):
+            return apro_sparse_loss(lg, lab, img, variant="gp-lp-c" if name == "apro-cascade" else "gp-lp-p",
+                                    zeta_g=0.2, zeta_gh=0.2, iterations=6, valid=v,
+                                    features=f if name == "apro-features" else None, zeta_f=3.0)
+        return tree_energy_loss(lg, lab, img, valid=v, features=f if name == "treeenergy-features" else None)
+
+    logits.requires_grad_(True)
+    p_logits.requires_grad_(True)
+    ref = loss(logits, labels, image, feats, None)
+    cut = loss(p_logits, p_labels, p_image, p_feats, valid)
+    torch.testing.assert_close(cut, ref, rtol=1e-9, atol=1e-12)
+    ref.backward()
+    cut.backward()
+    torch.testing.assert_close(p_logits.grad[..., :h, :w], logits.grad, rtol=1e-7, atol=1e-12)
+    assert float(p_logits.grad[..., h:, :].abs().max()) == 0.0 and float(p_logits.grad[..., :, w:].abs().max()) == 0.0
+    # without ``valid`` the padding counts as unlabeled image and the loss differs
+    assert abs(float(loss(p_logits.detach(), p_labels, p_image, p_feats, None)) - float(ref.detach())) > 1e-4
+
+
+def test_sparse_losses_refuse_a_bad_valid_mask():
+    logits, labels, image = random_sparse_batch(seed=3)
+    with pytest.raises(TypeError, match="valid must be None or a bool tensor"):
+        apro_sparse_loss(logits, labels, image, valid=torch.ones_like(labels))
+    with pytest.raises(ValueError, match="valid has shape"):
+        tree_energy_loss(logits, labels, image, valid=torch.ones(labels.shape[0], 3, 3, dtype=torch.bool))
+    everywhere = torch.ones_like(labels, dtype=torch.bool)
+    torch.testing.assert_close(apro_sparse_loss(logits, labels, image, valid=everywhere),
+                               apro_sparse_loss(logits, labels, image))
+    torch.testing.assert_close(TreeEnergyLoss()(logits, labels, image, valid=everywhere), tree_energy_loss(logits, labels, image))

@@ -2,6 +2,7 @@
 bad files are refused, and the train / eval / predict commands work end to end."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -314,3 +315,29 @@ def test_shipped_semantic_configs_load_and_validate(path):
     assert not any(isinstance(v, str) and (v.startswith("/") or ":\\" in v) for v in raw.values())
     if path.stem == "semantic_stage4":
         assert config.frozen_stages == 3 and config.lr_multipliers == {"backbone.": 0.1}
+
+
+@pytest.mark.parametrize("loss", ["apro", "treeenergy"])
+def test_pairwise_terms_leave_out_the_crop_padding(loss):
+    """A crop whose right half is padding scores its pairwise terms as its left half alone; with
+    ``ignore_padding`` false the padding counts as unlabeled image again (the earlier behaviour)."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 21, 8, 8, generator=g, dtype=torch.float64)
+    feats = torch.randn(2, 16, 8, 8, generator=g, dtype=torch.float64)
+    image = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    labels = torch.full((2, 32, 32), 255)
+    labels[:, 4:8, 4:8] = 3
+    valid = torch.zeros(2, 32, 32, dtype=torch.bool)
+    valid[..., :16] = True
+    image[..., 16:] = 0.0
+    cfg = SemanticConfig(loss=loss, lp_iterations=3, feature_weight=0.4)
+    cut = semantic_losses(cfg, logits, feats, image, labels, valid)
+    half = semantic_losses(cfg, logits[..., :4], feats[..., :4], image[..., :16], labels[..., :16])
+    pairwise = [k for k in cut if k not in ("pce", "loss")]
+    assert pairwise and all(torch.allclose(cut[k], half[k], rtol=1e-9, atol=1e-12) for k in pairwise)
+    kept = semantic_losses(dataclasses.replace(cfg, ignore_padding=False), logits, feats, image, labels, valid)
+    unmarked = semantic_losses(cfg, logits, feats, image, labels)
+    assert all(torch.equal(kept[k], unmarked[k]) for k in kept)
+    assert any(abs(float(kept[k]) - float(cut[k])) > 1e-4 for k in pairwise)
+    with pytest.raises(ValueError, match="ignore_padding must be true or false"):
+        SemanticConfig(ignore_padding="yes").validate()

@@ -239,3 +239,20 @@ def test_shrinking_keeps_sparse_clicks():
     assert set(lab.unique().tolist()) == {0, 3, 8, 15, 255}
     assert int((lab != 255).sum()) <= 2 * len(clicks)  # no smearing: a few pixels per click
     assert bool((g[:50, :60] == 0).all())  # dense maps are resized by plain nearest neighbour
+
+
+def test_items_mark_the_padding_of_small_crops(tmp_path):
+    make_voc_sparse(tmp_path, n=4, size=(40, 56))
+    plain = VocSegmentation(tmp_path, "train", labels="points")
+    assert bool(plain[0]["valid"].all()) and plain[0]["valid"].shape == (40, 56)
+    padded = VocSegmentation(tmp_path, "train", labels="points",
+                             transform=SemanticAugmentation(crop=64, scale=(1.0, 1.0), flip=True,
+                                                            generator=torch.Generator().manual_seed(0)))
+    for i in range(len(padded)):
+        item = padded[i]
+        valid = item["valid"]
+        assert valid.dtype == torch.bool and valid.shape == (64, 64)
+        assert int(valid.sum()) == 40 * 56  # the whole image, nothing else
+        rows, cols = valid.any(1).nonzero().squeeze(1), valid.any(0).nonzero().squeeze(1)
+        assert rows.tolist() == list(range(40)) and len(cols) == 56  # top rows; left or right (flip)
+        assert bool((item["label"][~valid] == 255).all()) and float(item["image"][:, ~valid].abs().sum()) == 0

@@ -207,12 +207,14 @@ def voc_files(root, split: str = "train", labels: Optional[str] = "gt", sparse_d
 
 
 class VocSegmentation(Dataset):
-    """One VOC split as a dataset of ``{"name", "image", "label", "gt"}`` items.
+    """One VOC split as a dataset of ``{"name", "image", "label", "gt", "valid"}`` items.
 
     ``image`` is ``(3, H, W)`` float32 RGB in [0, 1]; ``label`` (the training label) and ``gt``
     (the dense ground truth, when the layout has it) are ``(H, W)`` int64 with 255 = void /
-    unlabeled. ``transform(image, label, gt) -> (image, label, gt)`` is applied last (e.g.
-    :class:`apro.data.augmentation.SemanticAugmentation`).
+    unlabeled; ``valid`` ``(H, W)`` bool is False on padding a transform added (the pairwise
+    losses leave it out: it is not unlabeled image). ``transform(image, *labels) -> (image,
+    *labels)`` is applied last to ``label``, ``gt`` and a map of ones (e.g.
+    :class:`apro.data.augmentation.SemanticAugmentation`, which pads labels with 255).
 
     Args:
         root, split, labels, sparse_dir: see :func:`voc_files`.
@@ -253,9 +255,10 @@ class VocSegmentation(Dataset):
         img = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
         lab = torch.from_numpy(label.astype(np.int64)) if label is not None else torch.full((h, w), IGNORE_INDEX)
         g = torch.from_numpy(gt.astype(np.int64)) if gt is not None else torch.full((h, w), IGNORE_INDEX)
+        inside = torch.ones((h, w), dtype=torch.int64)
         if self.transform is not None:
-            img, lab, g = self.transform(img, lab, g)
-        return {"name": self.files.names[index], "image": img, "label": lab, "gt": g}
+            img, lab, g, inside = self.transform(img, lab, g, inside)
+        return {"name": self.files.names[index], "image": img, "label": lab, "gt": g, "valid": inside == 1}
 
 
 def check_files(dataset: VocSegmentation, progress: bool = False) -> int:

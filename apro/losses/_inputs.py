@@ -100,6 +100,33 @@ def check_sparse_inputs(logits, labels, image, ignore_index) -> None:
         check_image(image, logits, "logits")
 
 
+def check_valid(valid, labels: torch.Tensor) -> Optional[torch.Tensor]:
+    """``valid`` (None, or bool ``(B, H, W)`` like ``labels``: False on padding) on the labels' device."""
+    if valid is None:
+        return None
+    if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+        raise TypeError(f"valid must be None or a bool tensor (True on image pixels, False on padding), got "
+                        f"{getattr(valid, 'dtype', type(valid).__name__)}")
+    if tuple(valid.shape) != tuple(labels.shape):
+        raise ValueError(f"valid has shape {tuple(valid.shape)} but labels has shape {tuple(labels.shape)}; "
+                         f"it must mark the same (B, H, W) grid")
+    return valid.to(labels.device)
+
+
+def cut_padding(guide: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """``guide`` ``(B, D, H, W)`` with its padded pixels (``valid`` False) set far from every value.
+
+    Every affinity across the image's edge (a tree path through the padding, an LP window
+    reaching into it) then underflows to exactly 0: padding is no neighbour of an image pixel,
+    as pixels outside the image are none in the released LP. Inside the image nothing changes
+    (the minimum spanning tree restricted to the image pixels is the image's own tree).
+    """
+    if valid is None or bool(valid.all()):
+        return guide
+    far = float(guide.detach().abs().amax()) + 1e3
+    return guide.masked_fill(~valid.to(guide.device).unsqueeze(1), far)
+
+
 def nonempty_instances(box_mask: torch.Tensor) -> torch.Tensor:
     """Boolean ``(N,)``: instances whose box mask has any positive pixel."""
     return box_mask.detach().flatten(1).amax(1) > 0

@@ -24,6 +24,7 @@ from ._inputs import (
     box_l1,
     check_normalization,
     check_weight,
+    cut_padding,
     kept_trees,
     nonempty_instances,
     normalized_guide,
@@ -65,11 +66,16 @@ def box_projection_loss(logits: torch.Tensor, box_mask: torch.Tensor) -> torch.T
     return per_instance.mean()
 
 
-def two_stage_gp(values: torch.Tensor, tree: SpanningTree, zeta_gl: float, zeta_gh: Optional[float]) -> torch.Tensor:
-    """The released model's GP (SPEC §2): image-weighted pass, then a pass weighted by its own result."""
+def two_stage_gp(values: torch.Tensor, tree: SpanningTree, zeta_gl: float, zeta_gh: Optional[float],
+                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The released model's GP (SPEC §2): image-weighted pass, then a pass weighted by its own result.
+
+    ``valid`` (optional ``(B, H, W)`` bool, False on padding cut from ``tree``'s guide) keeps the
+    second pass cut there too: its edge weights come from the first result, not the guide.
+    """
     y = global_propagation(values, tree, zeta_gl)
     if zeta_gh is not None:
-        y = global_propagation(y, tree, zeta_gh, embedding=y)
+        y = global_propagation(y, tree, zeta_gh, embedding=y if valid is None else cut_padding(y, valid))
     return y
 
 

@@ -16,7 +16,9 @@ from ..propagation import global_propagation, local_propagation
 from ..tree import SpanningTree
 from ._inputs import (
     check_sparse_inputs,
+    check_valid,
     check_variant,
+    cut_padding,
     check_weight,
     instance_trees,
     masked_l1,
@@ -60,9 +62,10 @@ def partial_cross_entropy(
 
 def _apro_sparse_terms(
     logits, labels, image, variant, zeta_g, zeta_gh, zeta_s, kernel_size, iterations, weight, ignore_index, tree,
-    features=None, zeta_f=1.0, feature_weight=None,
+    features=None, zeta_f=1.0, feature_weight=None, valid=None,
 ) -> Dict[str, torch.Tensor]:
     check_sparse_inputs(logits, labels, image, ignore_index)
+    valid = check_valid(valid, labels)
     check_variant(variant, VARIANTS)
     zeta_g = positive(zeta_g, "zeta_g")
     positive(zeta_s, "zeta_s")
@@ -71,15 +74,18 @@ def _apro_sparse_terms(
     if zeta_gh is not None:
         zeta_gh = positive(zeta_gh, "zeta_gh")
     weight = check_weight(weight, "weight")
-    guide = normalized_guide(image, work_dtype(logits))
+    guide = cut_padding(normalized_guide(image, work_dtype(logits)), valid)
     p = torch.softmax(logits, 1)
     phi = p.detach().to(guide.dtype)
-    unlabeled = (labels == ignore_index).unsqueeze(1).to(device=p.device, dtype=guide.dtype)
+    unlabeled = labels == ignore_index
+    if valid is not None:
+        unlabeled = unlabeled & valid
+    unlabeled = unlabeled.unsqueeze(1).to(device=p.device, dtype=guide.dtype)
     if variant != "lp":
         tree = instance_trees(guide, tree, "the ImageNet-normalised image")
 
     def gp(v):
-        return two_stage_gp(v, tree, zeta_g, zeta_gh)
+        return two_stage_gp(v, tree, zeta_g, zeta_gh, valid)
 
     def lp(v):
         return local_propagation(v, guide, kernel_size, zeta_s, iterations)
@@ -90,7 +96,7 @@ def _apro_sparse_terms(
         from .tree_filter import _check_features
 
         fw = weight if feature_weight is None else check_weight(feature_weight, "feature_weight")
-        fy = global_propagation(phi, _check_features(features, logits), positive(zeta_f, "zeta_f"))
+        fy = global_propagation(phi, cut_padding(_check_features(features, logits), valid), positive(zeta_f, "zeta_f"))
         extra["feature"] = fw * masked_l1(p, fy, unlabeled)
     if variant == "gp-lp-p":
         return {"global": weight * masked_l1(p, gp(phi), unlabeled), "local": weight * masked_l1(p, lp(phi), unlabeled),
@@ -120,6 +126,7 @@ def apro_sparse_loss(
     features: Optional[torch.Tensor] = None,
     zeta_f: float = 1.0,
     feature_weight: Optional[float] = None,
+    valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """APro's unlabeled-pixel term for points / scribbles (paper Eq. 1-6; SPEC §4).
 
@@ -139,13 +146,18 @@ def apro_sparse_loss(
             ``"feature"``, ``feature_weight * L1(p, GP_f(phi))`` over unlabeled pixels, GP on the
             features' own tree with ``zeta_f`` (paper §3.2.1: "we empirically employ high-level
             feature as input"); ``feature_weight=None`` uses ``weight``.
+        valid: optional bool ``(B, H, W)``, False on pixels that are not the image's (the
+            padding of a crop larger than the scaled image). They are left out of every term and
+            are no neighbours of image pixels (their guide is set far away; a given ``tree``
+            must then be built from that guide, so pass ``tree=None``). TEL's released code
+            likewise marks padding apart from unlabeled pixels and leaves it out of its loss.
 
     Returns:
         Scalar tensor (0 when every pixel is labeled).
     """
     terms = _apro_sparse_terms(
         logits, labels, image, variant, zeta_g, zeta_gh, zeta_s, kernel_size, iterations, weight, ignore_index, tree,
-        features, zeta_f, feature_weight,
+        features, zeta_f, feature_weight, valid,
     )
     return sum(terms.values())
 
@@ -165,7 +177,7 @@ class PartialCrossEntropy(nn.Module):
 
 
 class APRoSparseLoss(nn.Module):
-    """Module form of :func:`apro_sparse_loss`: ``forward(logits, labels, image, tree=None)``."""
+    """Module form of :func:`apro_sparse_loss`: ``forward(logits, labels, image, tree=None, valid=None)``."""
 
     def __init__(self, variant="gp-lp-p", zeta_g=0.01, zeta_gh=0.07, zeta_s=0.15, kernel_size=5, iterations=20,
                  weight=0.4, ignore_index=255):
@@ -175,11 +187,11 @@ class APRoSparseLoss(nn.Module):
         self.kernel_size, self.iterations = kernel_size, iterations
         self.weight, self.ignore_index = weight, ignore_index
 
-    def forward(self, logits, labels, image, tree=None):
+    def forward(self, logits, labels, image, tree=None, valid=None):
         return apro_sparse_loss(
             logits, labels, image, variant=self.variant, zeta_g=self.zeta_g, zeta_gh=self.zeta_gh,
             zeta_s=self.zeta_s, kernel_size=self.kernel_size, iterations=self.iterations, weight=self.weight,
-            ignore_index=self.ignore_index, tree=tree,
+            ignore_index=self.ignore_index, tree=tree, valid=valid,
         )
 
     def extra_repr(self) -> str:

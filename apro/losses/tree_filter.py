@@ -19,7 +19,9 @@ from ._inputs import (
     check_box_inputs,
     check_normalization,
     check_sparse_inputs,
+    check_valid,
     check_weight,
+    cut_padding,
     instance_trees,
     kept_trees,
     masked_l1,
@@ -128,6 +130,7 @@ def tree_energy_loss(
     tree: Optional[SpanningTree] = None,
     features: Optional[torch.Tensor] = None,
     sigma_high: float = 1.0,
+    valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Tree energy loss (TEL, CVPR 2022) for points / scribbles: its unlabeled-pixel term.
 
@@ -143,12 +146,16 @@ def tree_energy_loss(
         logits: ``(B, K, H, W)``; labels: ``(B, H, W)`` int64, ``ignore_index`` where unlabeled;
         image: ``(B, 3, H, W)`` RGB in [0, 1].
         features: optional ``(B, D, H, W)`` high-level features of the network (detached here).
+        valid: optional bool ``(B, H, W)``, False on padding: left out of the loss, as TEL's
+            released code does (its collate pads labels with a value of their own), and cut
+            from both trees (TEL's trees do span its padding; see
+            :func:`apro.losses.apro_sparse_loss`).
 
     Returns:
         Scalar tensor (0 when no pixel is unlabeled).
     """
     return sum(_tree_energy_terms(logits, labels, image, sigma, weight, ignore_index, tree,
-                                  features, sigma_high).values())
+                                  features, sigma_high, valid).values())
 
 
 def _check_features(features, logits) -> torch.Tensor:
@@ -161,17 +168,22 @@ def _check_features(features, logits) -> torch.Tensor:
 
 
 def _tree_energy_terms(logits, labels, image, sigma, weight, ignore_index, tree, features=None,
-                       sigma_high=1.0) -> Dict[str, torch.Tensor]:
+                       sigma_high=1.0, valid=None) -> Dict[str, torch.Tensor]:
     check_sparse_inputs(logits, labels, image, ignore_index)
+    valid = check_valid(valid, labels)
     sigma = positive(sigma, "sigma")
     weight = check_weight(weight, "weight")
     dtype = work_dtype(logits)
-    tree = instance_trees(raw_guide(image, dtype), tree, _RAW_DESC)
+    tree = instance_trees(cut_padding(raw_guide(image, dtype), valid), tree, _RAW_DESC)
     p = torch.softmax(logits, 1)
-    unlabeled = (labels == ignore_index).unsqueeze(1).to(device=p.device, dtype=dtype)
+    unlabeled = labels == ignore_index
+    if valid is not None:
+        unlabeled = unlabeled & valid
+    unlabeled = unlabeled.unsqueeze(1).to(device=p.device, dtype=dtype)
     target = tree_filter(p.detach().to(dtype), tree, sigma)
     if features is not None:
-        target = tree_filter(target, _check_features(features, logits), positive(sigma_high, "sigma_high"))
+        target = tree_filter(target, cut_padding(_check_features(features, logits), valid),
+                             positive(sigma_high, "sigma_high"))
     return {"treeenergy": weight * masked_l1(p, target, unlabeled)}
 
 
@@ -210,7 +222,7 @@ class TreeFilterLocalBoxLoss(nn.Module):
 
 
 class TreeEnergyLoss(nn.Module):
-    """Module form of :func:`tree_energy_loss`: ``forward(logits, labels, image, tree=None)``."""
+    """Module form of :func:`tree_energy_loss`: ``forward(logits, labels, image, tree=None, valid=None)``."""
 
     def __init__(self, sigma: float = 0.02, weight: float = 0.4, ignore_index: int = 255):
         super().__init__()
@@ -218,8 +230,9 @@ class TreeEnergyLoss(nn.Module):
         self.weight = check_weight(weight, "weight")
         self.ignore_index = ignore_index
 
-    def forward(self, logits, labels, image, tree=None):
-        return tree_energy_loss(logits, labels, image, self.sigma, self.weight, self.ignore_index, tree)
+    def forward(self, logits, labels, image, tree=None, valid=None):
+        return tree_energy_loss(logits, labels, image, self.sigma, self.weight, self.ignore_index, tree,
+                                valid=valid)
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma}, weight={self.weight}, ignore_index={self.ignore_index}"

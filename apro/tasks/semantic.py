@@ -17,7 +17,9 @@ Loss of one batch (``loss`` picks the pairwise term, SPEC §4-5):
   + ``local_weight`` * L1 to LP.
 
 Pairwise terms run at the logits' resolution (stride 4), on the unlabeled pixels there (the
-labels nearest-downsampled), with the image average-pooled to that grid, as TEL does.
+labels nearest-downsampled), with the image average-pooled to that grid, as TEL does. The
+padding of crops larger than the scaled image is not unlabeled image: it is left out of the
+pairwise terms and cut from their trees and windows (``ignore_padding``).
 """
 from __future__ import annotations
 
@@ -77,6 +79,9 @@ class SemanticConfig(EngineConfig):
     flip: bool = True
 
     high_level: bool = True
+    # The pairwise terms leave out the crop's padding (TEL's released code marks it apart from
+    # unlabeled pixels); False counts it as unlabeled image, as apro did before 2026-12-04.
+    ignore_padding: bool = True
     pairwise_weight: float = 0.4
     sigma: float = 0.02
     sigma_high: float = 1.0
@@ -126,6 +131,8 @@ class SemanticConfig(EngineConfig):
         for name in ("sigma", "sigma_high", "zeta_g", "zeta_f", "zeta_s"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not isinstance(self.ignore_padding, bool):
+            raise ValueError(f"ignore_padding must be true or false, got {self.ignore_padding!r}")
         if self.kernel_size not in (3, 5, 7):
             raise ValueError(f"kernel_size must be 3, 5 or 7, got {self.kernel_size!r}")
         if int(self.lp_iterations) < 1:
@@ -154,12 +161,15 @@ def build_train_dataset(config: SemanticConfig):
 
 
 def semantic_losses(config: SemanticConfig, logits: torch.Tensor, features: torch.Tensor, image: torch.Tensor,
-                    labels: torch.Tensor) -> dict:
+                    labels: torch.Tensor, valid: Optional[torch.Tensor] = None) -> dict:
     """The loss terms of one batch (see the module docstring); ``"loss"`` is their sum.
 
     Args:
         logits: ``(B, K, h, w)`` at stride 4; features: ``(B, C, h, w)``; image: ``(B, 3, H, W)``
-            RGB in [0, 1]; labels: ``(B, H, W)`` int64, 255 = unlabeled.
+            RGB in [0, 1]; labels: ``(B, H, W)`` int64, 255 = unlabeled; valid: optional
+            ``(B, H, W)`` bool, False on the crop's padding. A cell of the logits' grid counts
+            as image only when every pixel it pools is image; the others are left out of the
+            pairwise terms and cut from their trees and windows.
     """
     from ..losses import partial_cross_entropy
     from ..losses.sparse import _apro_sparse_terms
@@ -171,10 +181,13 @@ def semantic_losses(config: SemanticConfig, logits: torch.Tensor, features: torc
         h, w = logits.shape[-2:]
         small_image = F.adaptive_avg_pool2d(image, (h, w))
         small_labels = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+        small_valid = None
+        if config.ignore_padding and valid is not None and not bool(valid.all()):
+            small_valid = F.adaptive_avg_pool2d(valid[:, None].to(image.dtype), (h, w))[:, 0] > 0.999
         feats = features if config.high_level else None
         if config.loss == "treeenergy":
             terms.update(_tree_energy_terms(logits, small_labels, small_image, config.sigma, config.pairwise_weight,
-                                            255, None, feats, config.sigma_high))
+                                            255, None, feats, config.sigma_high, small_valid))
         else:
             # A term of weight 0 is not computed at all; its log column stays, at zero.
             if not float(config.feature_weight) > 0:
@@ -183,7 +196,7 @@ def semantic_losses(config: SemanticConfig, logits: torch.Tensor, features: torc
             variant = "gp-lp-p" if run_global and run_local else ("lp" if run_local else "gp")
             apro = _apro_sparse_terms(
                 logits, small_labels, small_image, variant, config.zeta_g, config.zeta_gh, config.zeta_s,
-                config.kernel_size, config.lp_iterations, 1.0, 255, None, feats, config.zeta_f, 1.0)
+                config.kernel_size, config.lp_iterations, 1.0, 255, None, feats, config.zeta_f, 1.0, small_valid)
             zero = terms["pce"].new_zeros(())
             terms["global"] = apro["global"] * config.global_weight if run_global else zero
             terms["local"] = apro["local"] * config.local_weight if run_local else zero
@@ -218,8 +231,11 @@ class SemanticTask(Task):
         labels = batch["label"].to(device, non_blocking=True)
         if self._config is None:
             raise RuntimeError("SemanticTask needs its config: construct it as SemanticTask(config)")
+        valid = batch.get("valid")
+        if valid is not None:
+            valid = valid.to(device, non_blocking=True)
         out = net(image)
-        return semantic_losses(self._config, out["logits"], out["features"], image, labels)
+        return semantic_losses(self._config, out["logits"], out["features"], image, labels, valid)
 
     def dataset_meta(self, dataset):
         meta = super().dataset_meta(dataset)
@@ -239,6 +255,7 @@ def _collate(items):
         "name": [it["name"] for it in items],
         "image": torch.stack([it["image"] for it in items]),
         "label": torch.stack([it["label"] for it in items]),
+        "valid": torch.stack([it["valid"] for it in items]),
     }
 
 
