@@ -150,7 +150,7 @@ def apro_sparse_loss(
             padding of a crop larger than the scaled image). They are left out of every term and
             are no neighbours of image pixels (their guide is set far away; a given ``tree``
             must then be built from that guide, so pass ``tree=None``). TEL's released code
-            likewise marks padding apart from unlabeled pixels and leaves it out of its loss.
+            pads its label maps with a value apart from the unlabeled 255 (docs/semantic.md).
 
     Returns:
         Scalar tensor (0 when every pixel is labeled).

@@ -146,9 +146,9 @@ def tree_energy_loss(
         logits: ``(B, K, H, W)``; labels: ``(B, H, W)`` int64, ``ignore_index`` where unlabeled;
         image: ``(B, 3, H, W)`` RGB in [0, 1].
         features: optional ``(B, D, H, W)`` high-level features of the network (detached here).
-        valid: optional bool ``(B, H, W)``, False on padding: left out of the loss, as TEL's
-            released code does (its collate pads labels with a value of their own), and cut
-            from both trees (TEL's trees do span its padding; see
+        valid: optional bool ``(B, H, W)``, False on padding: left out of the loss and cut
+            from both trees (TEL's released collate pads its label maps with a value apart
+            from the unlabeled 255; its trees do span the padding; see
             :func:`apro.losses.apro_sparse_loss`).
 
     Returns:
