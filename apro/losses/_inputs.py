@@ -101,7 +101,8 @@ def check_sparse_inputs(logits, labels, image, ignore_index) -> None:
 
 
 def check_valid(valid, labels: torch.Tensor) -> Optional[torch.Tensor]:
-    """``valid`` (None, or bool ``(B, H, W)`` like ``labels``: False on padding) on the labels' device."""
+    """``valid`` (None, or bool ``(B, H, W)`` like ``labels``: False on padding) on the labels'
+    device; None when it marks no padding, so that callers test for padding in one place."""
     if valid is None:
         return None
     if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
@@ -110,7 +111,17 @@ def check_valid(valid, labels: torch.Tensor) -> Optional[torch.Tensor]:
     if tuple(valid.shape) != tuple(labels.shape):
         raise ValueError(f"valid has shape {tuple(valid.shape)} but labels has shape {tuple(labels.shape)}; "
                          f"it must mark the same (B, H, W) grid")
-    return valid.to(labels.device)
+    return None if bool(valid.all()) else valid.to(labels.device)
+
+
+def unlabeled_mask(labels: torch.Tensor, ignore_index: int, valid: Optional[torch.Tensor], like: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """``(B, 1, H, W)`` mask of the unlabeled image pixels (``ignore_index``, not padding), on
+    ``like``'s device: where the sparse pairwise terms average."""
+    unlabeled = labels == ignore_index
+    if valid is not None:
+        unlabeled = unlabeled & valid
+    return unlabeled.unsqueeze(1).to(device=like.device, dtype=dtype)
 
 
 def cut_padding(guide: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
@@ -121,7 +132,7 @@ def cut_padding(guide: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Ten
     as pixels outside the image are none in the released LP. Inside the image nothing changes
     (the minimum spanning tree restricted to the image pixels is the image's own tree).
     """
-    if valid is None or bool(valid.all()):
+    if valid is None:
         return guide
     far = float(guide.detach().abs().amax()) + 1e3
     return guide.masked_fill(~valid.to(guide.device).unsqueeze(1), far)

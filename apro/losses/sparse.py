@@ -18,12 +18,13 @@ from ._inputs import (
     check_sparse_inputs,
     check_valid,
     check_variant,
-    cut_padding,
     check_weight,
+    cut_padding,
     instance_trees,
     masked_l1,
     normalized_guide,
     positive,
+    unlabeled_mask,
     work_dtype,
 )
 from .box import VARIANTS, two_stage_gp
@@ -77,10 +78,7 @@ def _apro_sparse_terms(
     guide = cut_padding(normalized_guide(image, work_dtype(logits)), valid)
     p = torch.softmax(logits, 1)
     phi = p.detach().to(guide.dtype)
-    unlabeled = labels == ignore_index
-    if valid is not None:
-        unlabeled = unlabeled & valid
-    unlabeled = unlabeled.unsqueeze(1).to(device=p.device, dtype=guide.dtype)
+    unlabeled = unlabeled_mask(labels, ignore_index, valid, p, guide.dtype)
     if variant != "lp":
         tree = instance_trees(guide, tree, "the ImageNet-normalised image")
 

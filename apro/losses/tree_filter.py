@@ -29,6 +29,7 @@ from ._inputs import (
     normalized_guide,
     positive,
     raw_guide,
+    unlabeled_mask,
     work_dtype,
     zero_loss,
 )
@@ -176,10 +177,7 @@ def _tree_energy_terms(logits, labels, image, sigma, weight, ignore_index, tree,
     dtype = work_dtype(logits)
     tree = instance_trees(cut_padding(raw_guide(image, dtype), valid), tree, _RAW_DESC)
     p = torch.softmax(logits, 1)
-    unlabeled = labels == ignore_index
-    if valid is not None:
-        unlabeled = unlabeled & valid
-    unlabeled = unlabeled.unsqueeze(1).to(device=p.device, dtype=dtype)
+    unlabeled = unlabeled_mask(labels, ignore_index, valid, p, dtype)
     target = tree_filter(p.detach().to(dtype), tree, sigma)
     if features is not None:
         target = tree_filter(target, cut_padding(_check_features(features, logits), valid),
