@@ -796,3 +796,27 @@ def test_sparse_losses_refuse_a_bad_valid_mask():
     torch.testing.assert_close(apro_sparse_loss(logits, labels, image, valid=everywhere),
                                apro_sparse_loss(logits, labels, image))
     torch.testing.assert_close(TreeEnergyLoss()(logits, labels, image, valid=everywhere), tree_energy_loss(logits, labels, image))
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE_LOSSES))
+def test_sparse_loss_registry_leaves_out_padding(name):
+    """``sparse_loss(name, ..., valid=)`` and ``SparseLoss(name)(..., valid=)`` score a padded
+    crop exactly as the unpadded one, for every registered sparse loss."""
+    g = torch.Generator().manual_seed(5)
+    b, k, h, w, size = 2, 3, 8, 10, (12, 13)
+    image = torch.rand(b, 3, h, w, generator=g, dtype=torch.float64)
+    logits = torch.randn(b, k, h, w, generator=g, dtype=torch.float64)
+    labels = torch.full((b, h, w), 255)
+    labels[:, 2, 2], labels[:, 6, 8] = 0, 2
+    p_image = _padded(image, size, torch.rand(b, 3, *size, generator=g, dtype=torch.float64))
+    p_logits = _padded(logits, size, 3 * torch.randn(b, k, *size, generator=g, dtype=torch.float64))
+    p_labels = _padded(labels[:, None], size, torch.full((b, 1) + size, 255))[:, 0]
+    valid = torch.zeros((b,) + size, dtype=torch.bool)
+    valid[:, :h, :w] = True
+    ref = sparse_loss(name, logits, labels, image)
+    torch.testing.assert_close(sparse_loss(name, p_logits, p_labels, p_image, valid=valid), ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(SparseLoss(name)(p_logits, p_labels, p_image, valid=valid), ref, rtol=1e-9, atol=1e-12)
+    if name != "pce":  # the pairwise terms read the padding unless told
+        assert abs(float(sparse_loss(name, p_logits, p_labels, p_image)) - float(ref)) > 1e-6
+    with pytest.raises(TypeError, match="valid must be None or a bool tensor"):
+        sparse_loss(name, p_logits, p_labels, p_image, valid=valid.long())

@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._inputs import check_image, check_weight, normalized_guide, raw_guide, work_dtype
+from ._inputs import check_image, check_valid, check_weight, normalized_guide, raw_guide, work_dtype
 from .box import _apro_box_terms, box_projection_loss
 from .crf import crf_loss
 from .pairwise import pairwise_loss
@@ -86,15 +86,17 @@ def _box_terms(name: str, logits, box_mask, image, tree, options=None) -> Dict[s
     return terms
 
 
-def _sparse_terms(name: str, logits, labels, image, tree) -> Dict[str, torch.Tensor]:
+def _sparse_terms(name: str, logits, labels, image, tree, valid=None) -> Dict[str, torch.Tensor]:
     """Weighted terms of ``SPARSE_LOSSES[name]`` (they sum to the loss)."""
     terms = {"pce": partial_cross_entropy(logits, labels, 255)}
     if name in _APRO_NAMES:
-        terms.update(_apro_sparse_terms(logits, labels, image, _APRO_NAMES[name], tree=tree, **_APRO_SPARSE))
+        terms.update(_apro_sparse_terms(logits, labels, image, _APRO_NAMES[name], tree=tree, valid=valid,
+                                        **_APRO_SPARSE))
     elif name == "treeenergy":
-        terms.update(_tree_energy_terms(logits, labels, image, 0.02, 0.4, 255, tree))
+        terms.update(_tree_energy_terms(logits, labels, image, 0.02, 0.4, 255, tree, valid=valid))
     elif name == "pce":
         check_image(image, logits, "logits")
+        check_valid(valid, labels)  # pCE reads labeled pixels only; a bad mask is still refused
     else:
         raise ValueError(f"unknown sparse loss {name!r}; choose one of {', '.join(SPARSE_LOSSES)}")
     return terms
@@ -152,11 +154,16 @@ def sparse_loss(
     image: torch.Tensor,
     tree=None,
     return_terms: bool = False,
+    valid: Optional[torch.Tensor] = None,
 ):
-    """The full point/scribble loss ``name`` (a key of :data:`SPARSE_LOSSES`); like :func:`box_mask_loss`."""
+    """The full point/scribble loss ``name`` (a key of :data:`SPARSE_LOSSES`); like :func:`box_mask_loss`.
+
+    ``valid``: optional ``(N, H, W)`` bool mask of the real (not padded) pixels; padding is left
+    out of the pairwise term and cut from its trees and windows (see :func:`apro_sparse_loss`).
+    """
     if name not in SPARSE_LOSSES:
         raise ValueError(f"unknown sparse loss {name!r}; choose one of {', '.join(SPARSE_LOSSES)}")
-    return _total(_sparse_terms(name, logits, labels, image, tree), return_terms)
+    return _total(_sparse_terms(name, logits, labels, image, tree, valid), return_terms)
 
 
 def tree_guide(name: str, image: torch.Tensor) -> torch.Tensor:
@@ -226,7 +233,7 @@ class BoxMaskLoss(nn.Module):
 
 
 class SparseLoss(nn.Module):
-    """Module form of :func:`sparse_loss` for one ``name``: ``forward(logits, labels, image, tree=None)``."""
+    """Module form of :func:`sparse_loss` for one ``name``: ``forward(logits, labels, image, tree=None, valid=None)``."""
 
     def __init__(self, name: str = "apro"):
         super().__init__()
@@ -234,8 +241,8 @@ class SparseLoss(nn.Module):
             raise ValueError(f"unknown sparse loss {name!r}; choose one of {', '.join(SPARSE_LOSSES)}")
         self.name = name
 
-    def forward(self, logits, labels, image, tree=None, return_terms: bool = False):
-        return sparse_loss(self.name, logits, labels, image, tree=tree, return_terms=return_terms)
+    def forward(self, logits, labels, image, tree=None, return_terms: bool = False, valid=None):
+        return sparse_loss(self.name, logits, labels, image, tree=tree, return_terms=return_terms, valid=valid)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
