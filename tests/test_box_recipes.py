@@ -16,8 +16,9 @@ from apro.tasks.box import BoxConfig, build_model, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = ("pennfudan", "coco_person", "coco_mini20", "coco_person_lite2", "coco_person_lp3",
-           "coco_person_stage4", "coco_person_stage4_lp3", "coco_person_stage4_s4")
-VARIANT_SUFFIXES = ("_lite2", "_lp3", "_s4", "_stage4")  # experiment configs: a recipe with one change, on its set
+           "coco_person_stage4", "coco_person_stage4_lp3", "coco_person_stage4_s4",
+           "coco_person_stage4_up4")
+VARIANT_SUFFIXES = ("_lite2", "_lp3", "_s4", "_up4", "_stage4")  # experiment configs: a recipe with one change, on its set
 TINY = dict(fpn_channels=16, head_channels=16, mask_channels=8, mask_branch_channels=16,
             grid_sizes=[8, 4], scale_ranges=[[1, 32], [24, 4096]])
 
@@ -54,6 +55,7 @@ def test_shipped_recipe_loads_validates_and_names_no_machine_path(name, tmp_path
     # the model options are ones the model takes (random weights: nothing is loaded)
     model = build_model(BoxConfig.from_dict(dict(config.to_dict(), pretrained=False)), 3)
     assert model.mask_stride == config.model_options["mask_stride"]
+    assert model.loss_stride == config.model_options.get("loss_stride", model.mask_stride)
     assert len(model.grid_sizes) == len(config.model_options["scale_ranges"])
     assert config.backbone == raw.get("backbone", "efficientnet_lite0")
 

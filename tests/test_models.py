@@ -489,6 +489,56 @@ def test_mask_stride_4_configuration():
     assert captured["shape"] == (1, 16, 16, 16)  # stride 4
 
 
+@pytest.mark.parametrize("name", ["apro", "pairwise"])
+def test_loss_stride_4_computes_the_mask_loss_on_upsampled_logits(monkeypatch, name):
+    """``loss_stride=4`` with stride-8 masks: the loss sees the logits upsampled 2x (centres
+    aligned), the boxes and the image at stride 4; inference does not change."""
+    import apro.modeling.solov2 as solov2_module
+
+    seen = {}
+    real = solov2_module.box_mask_loss
+
+    def spy(loss_name, logits, box_mask, image, *args, **kwargs):
+        seen.update(logits=logits.detach().clone(), box=box_mask.clone(), image=image.clone())
+        return real(loss_name, logits, box_mask, image, *args, **kwargs)
+
+    monkeypatch.setattr(solov2_module, "box_mask_loss", spy)
+    torch.manual_seed(0)
+    plain = SOLOv2(3, mask_loss=name, **TINY)
+    fine = SOLOv2(3, mask_loss=name, loss_stride=4, **TINY)
+    fine.load_state_dict(plain.state_dict())
+    images = torch.rand(2, 3, 128, 128)
+    plain(images, targets=_targets())
+    coarse_logits, coarse_box = seen["logits"], seen["box"]
+    out = fine(images, targets=_targets())
+    n = coarse_logits.shape[0]
+    assert seen["logits"].shape == (n, 1, 32, 32) and coarse_logits.shape == (n, 1, 16, 16)
+    up = torch.nn.functional.interpolate(coarse_logits, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(seen["logits"], up)
+    small = torch.nn.functional.avg_pool2d(images, 4)
+    assert seen["image"].shape == (n, 3, 32, 32)
+    assert all(any(torch.equal(seen["image"][i], small[b]) for b in range(2)) for i in range(n))
+    # the positives' boxes rasterised at stride 4: 4x the pixels of the stride-8 boxes, nested
+    boxes = torch.cat([t["boxes"] for t in _targets()])
+    fine_boxes = {tuple(m.flatten().tolist()) for m in box_masks(boxes, (32, 32), 4)}
+    assert all(tuple(m.flatten().tolist()) in fine_boxes for m in seen["box"])
+    assert float(seen["box"].sum()) > 3.0 * float(coarse_box.sum())
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert fine.head.kernel_out.weight.grad.abs().sum() > 0
+    image = torch.rand(1, 3, 64, 64)
+    a, b = plain.eval()(image)[0], fine.eval()(image)[0]
+    assert torch.equal(a["masks"], b["masks"]) and torch.equal(a["scores"], b["scores"])
+
+
+def test_loss_stride_is_checked():
+    with pytest.raises(ValueError, match="loss_stride must be None or 4 or 8 and at most mask_stride=8"):
+        SOLOv2(2, loss_stride=2, **TINY)
+    with pytest.raises(ValueError, match="at most mask_stride=4"):
+        SOLOv2(2, loss_stride=8, **dict(TINY, mask_stride=4))
+    assert SOLOv2(2, **TINY).loss_stride == 8 and SOLOv2(2, loss_stride=4, **TINY).loss_stride == 4
+
+
 def test_overfits_one_image():
     """A few Adam steps on one image: the loss falls and the top detection covers the object."""
     torch.manual_seed(0)

@@ -392,6 +392,12 @@ class SOLOv2(nn.Module):
             pixels), so that later runs on the same images (the variants and seeds of an
             ablation) read them instead of computing them. About 1.9 MB per entry for
             EfficientNet-Lite0 at short sides 448-544 (measured on COCO person).
+        loss_stride: None (the mask stride) or 4 with ``mask_stride`` 8: the mask logits are
+            upsampled 2x (bilinear, pixel centres aligned) and every mask loss is computed at
+            stride 4 on the image and boxes at stride 4, as CondInst and BoxInst compute their
+            losses at ``mask_out_stride`` 4 from stride-8 logits. The released APro head's losses
+            run at stride 4; this gives them that resolution without stride-4 features.
+            Inference is unchanged (the stride-8 masks are upsampled to the image).
         loss_options: None (the released head's settings: GP ``zeta_gl`` 0.01 / ``zeta_gh``
             0.07, LP 5 x 5 with 20 steps, weights 2 / 1) or a dict overriding some of them,
             keys of ``apro.losses.registry.BOX_LOSS_OPTIONS`` (e.g. ``{"kernel_size": 3}``: the
@@ -412,12 +418,17 @@ class SOLOv2(nn.Module):
                  nms_pre: int = 500, max_detections: int = 100, nms_kernel: str = "gaussian",
                  nms_sigma: float = 2.0, pairwise_warmup: int = 0, frozen_stages: int | None = None,
                  cache_backbone: bool = False, cache_dir: str | None = None,
-                 loss_options: dict | None = None):
+                 loss_stride: int | None = None, loss_options: dict | None = None):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
         if mask_stride not in (4, 8):
             raise ValueError(f"mask_stride must be 4 or 8, got {mask_stride!r}")
+        if loss_stride is None:
+            loss_stride = mask_stride
+        if isinstance(loss_stride, bool) or loss_stride not in (4, 8) or loss_stride > mask_stride:
+            raise ValueError(f"loss_stride must be None or 4 or 8 and at most mask_stride={mask_stride}, "
+                             f"got {loss_stride!r}")
         if len(grid_sizes) < 1 or len(grid_sizes) != len(scale_ranges):
             raise ValueError(f"grid_sizes and scale_ranges need one entry per level, got "
                              f"{len(grid_sizes)} and {len(scale_ranges)}")
@@ -429,6 +440,7 @@ class SOLOv2(nn.Module):
         self.mask_loss = mask_loss
         self.loss_options = _checked_loss_options(mask_loss, loss_options)
         self.mask_stride = mask_stride
+        self.loss_stride = loss_stride
         self.grid_sizes = tuple(int(s) for s in grid_sizes)
         self.scale_ranges = tuple((float(a), float(b)) for a, b in scale_ranges)
         self.center_sigma = center_sigma
@@ -532,14 +544,17 @@ class SOLOv2(nn.Module):
         loss_category = loss_category / (num_positives + 1)
 
         out: dict[str, torch.Tensor] = {}
-        mask_h, mask_w = mask_features.shape[-2:]
-        small = F.avg_pool2d(images, self.mask_stride)  # RGB [0, 1] at mask resolution
+        upsample = self.mask_stride // self.loss_stride
+        mask_h, mask_w = (n * upsample for n in mask_features.shape[-2:])
+        small = F.avg_pool2d(images, self.loss_stride)  # RGB [0, 1] at the losses' resolution
         if positive_kernels:
             kernels_p = torch.cat(positive_kernels)
             image_index = torch.cat(positive_image)
             boxes_p = torch.cat(positive_boxes)
             mask_logits = _dynamic_masks(kernels_p, image_index, mask_features)
-            targets_p = box_masks(boxes_p, (mask_h, mask_w), self.mask_stride)
+            if upsample > 1:  # align_corners=False keeps the pixel centres (8i + 3.5 = 4j + 1.5)
+                mask_logits = F.interpolate(mask_logits, scale_factor=upsample, mode="bilinear", align_corners=False)
+            targets_p = box_masks(boxes_p, (mask_h, mask_w), self.loss_stride)
             tree = None
             if self.mask_loss in _TREE_LOSSES:
                 tree = minimum_spanning_tree(tree_guide(self.mask_loss, small)).select(image_index)
