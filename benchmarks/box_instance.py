@@ -177,7 +177,7 @@ def threshold_scan(run_dir: Path, values: dict, thresholds, args) -> dict:
     the training images. Written to ``<run>/thresholds.json``; redone only for new thresholds."""
     from apro.data import CocoBoxDataset
     from apro.engine.checkpoint import list_checkpoints
-    from apro.tasks.box import evaluate_model, load_trained_model, set_test_thresholds
+    from apro.tasks.box import evaluate_thresholds, load_trained_model
 
     path = run_dir / "thresholds.json"
     done = json.loads(path.read_text()) if path.exists() else {"train": {}, "val": {}}
@@ -187,17 +187,18 @@ def threshold_scan(run_dir: Path, values: dict, thresholds, args) -> dict:
     model, config, _ = load_trained_model(found[-1])
     category_ids = CocoBoxDataset(config.data, config.ann, train=True, check_files=False).category_ids
     splits = {"train": (config.data, config.ann), "val": (config.eval_data or config.data, config.eval_ann)}
-    for t in thresholds:
-        for split, (images, ann) in splits.items():
-            if f"{t:g}" in done[split]:
-                continue
-            set_test_thresholds(model, mask_threshold=t)
-            scores = evaluate_model(model, images, ann, short_side=_test_short_side(config), max_size=config.max_size,
-                                    category_ids=category_ids, progress=not args.quiet)
-            done[split][f"{t:g}"] = {k: scores[k] for k in ("AP", "AP50", "AP75")}
-            done.update(checkpoint=found[-1].name, commit=git_commit(), date=_now(),
-                        command="python " + " ".join(shlex.quote(a) for a in sys.argv))
-            path.write_text(json.dumps(done, indent=1) + "\n")
+    for split, (images, ann) in splits.items():
+        todo = [t for t in thresholds if f"{t:g}" not in done[split]]
+        if not todo:
+            continue
+        # one forward pass per image for every threshold (evaluate_thresholds)
+        scores = evaluate_thresholds(model, images, ann, todo, short_side=_test_short_side(config),
+                                     max_size=config.max_size, category_ids=category_ids, progress=not args.quiet)
+        for t, got in zip(todo, scores):
+            done[split][f"{t:g}"] = {k: got[k] for k in ("AP", "AP50", "AP75")}
+        done.update(checkpoint=found[-1].name, commit=git_commit(), date=_now(),
+                    command="python " + " ".join(shlex.quote(a) for a in sys.argv))
+        path.write_text(json.dumps(done, indent=1) + "\n")
     return done
 
 

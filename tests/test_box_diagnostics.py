@@ -82,6 +82,26 @@ def test_target_quality_rows_follow_their_definitions(run):
     assert parts == table[("p", "all")]["positives"]
 
 
+def test_evaluate_thresholds_matches_evaluate_model_per_threshold(run):
+    """One forward pass per image for a whole scan scores what one evaluation per threshold
+    scores; the model keeps its own threshold; an empty or out-of-range list is refused."""
+    from apro.data import CocoBoxDataset
+    from apro.tasks.box import evaluate_model, evaluate_thresholds, load_trained_model, set_test_thresholds
+
+    model, config, _ = load_trained_model(run)
+    category_ids = CocoBoxDataset(config.data, config.ann, train=True, check_files=False).category_ids
+    common = dict(short_side=96, max_size=96, category_ids=category_ids, progress=False)
+    own = model.mask_threshold
+    scan = evaluate_thresholds(model, config.data, config.ann, [0.3, 0.6], **common)
+    assert model.mask_threshold == own
+    for t, got in zip([0.3, 0.6], scan):
+        set_test_thresholds(model, mask_threshold=t)
+        assert got == evaluate_model(model, config.data, config.ann, **common)
+    for bad in ([], [0.5, 1.5]):
+        with pytest.raises(ValueError, match="mask_thresholds"):
+            evaluate_thresholds(model, config.data, config.ann, bad, **common)
+
+
 def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path):
     """The runner removes the logs of a run with no checkpoint (the trainer refuses a folder
     holding logs, so the run could never be restarted) and leaves its other files alone."""
@@ -123,6 +143,7 @@ def test_threshold_scan_scores_both_splits_once_and_picks_on_train(run, monkeypa
         raise AssertionError("a threshold already on disk was scored again")
 
     monkeypatch.setattr(box, "evaluate_model", refuse)
+    monkeypatch.setattr(box, "evaluate_thresholds", refuse)
     assert bench.threshold_scan(run, {}, [0.7, 0.3], args) == rows
     rows["train"]["0.3"]["AP"], rows["train"]["0.7"]["AP"] = 10.0, 20.0
     rows["val"]["0.3"]["AP"], rows["val"]["0.7"]["AP"] = 30.0, 5.0

@@ -428,6 +428,34 @@ def test_pairwise_warmup_ramps_the_pairwise_part():
     assert int(model.training_step) == 3  # only training forwards count
 
 
+def test_predict_thresholds_equals_one_forward_per_threshold():
+    """A threshold scan from one forward pass gives exactly what ``forward`` gives with
+    ``mask_threshold`` set to each threshold, and leaves the model's own threshold alone."""
+    torch.manual_seed(0)
+    model = SOLOv2(3, max_detections=20, **TINY).eval()
+    with torch.no_grad():  # every cell confident; masks that differ from pixel to pixel
+        model.head.category_out.bias.fill_(3.0)
+        model.head.kernel_out.weight.normal_(0, 1.0)
+    images = torch.rand(2, 3, 96, 64)
+    valid = torch.ones(2, 1, 96, 64)
+    valid[1, :, :, 40:] = 0
+    thresholds = (0.3, 0.5, 0.7)
+    scanned = model.predict_thresholds(images, valid, thresholds)
+    assert len(scanned) == 3 and model.mask_threshold == 0.5
+    for t, got in zip(thresholds, scanned):
+        model.mask_threshold = t
+        with torch.no_grad():
+            want = model(images, valid=valid)
+        for g, w in zip(got, want):
+            assert torch.equal(g["masks"], w["masks"]) and torch.equal(g["labels"], w["labels"])
+            assert torch.equal(g["scores"], w["scores"])
+    pixels = [sum(int(r["masks"].sum()) for r in res) for res in scanned]
+    assert pixels[0] > pixels[2] > 0  # the threshold does act on the masks
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="mask_thresholds"):
+            model.predict_thresholds(images, valid, (0.5, bad))
+
+
 def test_inference_output_shapes_and_thresholds():
     torch.manual_seed(0)
     model = SOLOv2(3, max_detections=5, **TINY).eval()

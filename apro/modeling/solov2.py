@@ -488,8 +488,32 @@ class SOLOv2(nn.Module):
             without: per image dict(masks ``(K, H, W)`` bool, labels ``(K,)`` int64, scores ``(K,)``).
         """
         valid = check_forward_inputs(images, valid, targets)
-        batch, _, height, width = images.shape
+        categories, kernels, mask_features = self._heads(images, targets)
+        if targets is not None:
+            return self._losses(images, categories, kernels, mask_features, targets)
+        return self._inference(categories, kernels, mask_features, tuple(images.shape[-2:]), valid)
 
+    @torch.no_grad()
+    def predict_thresholds(self, images: torch.Tensor, valid: torch.Tensor | None = None,
+                           mask_thresholds: Sequence[float] = (0.5,)) -> list[list[dict]]:
+        """Detections at several test mask thresholds from one forward pass.
+
+        The network's outputs do not depend on ``mask_threshold`` (it only binarises the soft
+        masks before matrix NMS and at the end), so a threshold scan needs one forward pass
+        per image, not one per threshold. Returns, per threshold in order, what
+        ``forward(images, valid)`` returns with ``mask_threshold`` set to it.
+        """
+        valid = check_forward_inputs(images, valid, None)
+        thresholds = [float(t) for t in mask_thresholds]
+        for t in thresholds:
+            if not 0.0 < t < 1.0:
+                raise ValueError(f"mask_thresholds must lie in (0, 1), got {t!r}")
+        categories, kernels, mask_features = self._heads(images, None)
+        size = tuple(images.shape[-2:])
+        return [self._inference(categories, kernels, mask_features, size, valid, t) for t in thresholds]
+
+    def _heads(self, images, targets):
+        """Grid-head outputs (category scores and kernels per level) and the mask features."""
         x = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
         if self.cache_backbone and self.training and targets is not None:
             features = self._cached_features(x, targets)
@@ -503,9 +527,7 @@ class SOLOv2(nn.Module):
             c, k = self.head(pyramid[level], grid)
             categories.append(c)
             kernels.append(k)
-        if targets is not None:
-            return self._losses(images, categories, kernels, mask_features, targets)
-        return self._inference(categories, kernels, mask_features, (height, width), valid)
+        return categories, kernels, mask_features
 
     def _cached_features(self, x: torch.Tensor, targets) -> list[torch.Tensor]:
         """Backbone features of the batch ``x`` from the per-image cache (see ``cache_backbone``)."""
@@ -593,7 +615,7 @@ class SOLOv2(nn.Module):
 
     # -- inference ------------------------------------------------------------------------------
     @torch.no_grad()
-    def _inference(self, categories, kernels, mask_features, size, valid):
+    def _inference(self, categories, kernels, mask_features, size, valid, mask_threshold=None):
         results = []
         for b in range(mask_features.shape[0]):
             scores = torch.cat([_points_nms(torch.sigmoid(c[b:b + 1]))[0].permute(1, 2, 0).reshape(-1, self.num_classes)
@@ -602,10 +624,11 @@ class SOLOv2(nn.Module):
             strides = torch.cat([torch.full((s * s,), float(st), device=scores.device)
                                  for s, st in zip(self.grid_sizes, self.level_strides)])
             results.append(self._detect(scores, cell_kernels, strides, mask_features[b], size,
-                                        None if valid is None else valid[b, 0] > 0.5))
+                                        None if valid is None else valid[b, 0] > 0.5,
+                                        self.mask_threshold if mask_threshold is None else mask_threshold))
         return results
 
-    def _detect(self, scores, cell_kernels, strides, features, size, valid):
+    def _detect(self, scores, cell_kernels, strides, features, size, valid, mask_threshold):
         device = features.device
         empty = dict(masks=torch.zeros((0,) + tuple(size), dtype=torch.bool, device=device),
                      labels=torch.zeros(0, dtype=torch.int64, device=device),
@@ -616,7 +639,7 @@ class SOLOv2(nn.Module):
         score = scores[cell, label]
         mask_h, mask_w = features.shape[-2:]
         soft = torch.sigmoid(cell_kernels[cell] @ features.flatten(1)).view(-1, mask_h, mask_w)
-        binary = soft > self.mask_threshold
+        binary = soft > mask_threshold
         area = binary.flatten(1).sum(1).to(soft.dtype)
         # SOLOv2 drops masks with fewer stride-4 pixels than the level stride; same area here.
         keep = area * self.mask_stride ** 2 > strides[cell] * 16
@@ -633,7 +656,7 @@ class SOLOv2(nn.Module):
         soft, score, label = soft[order], score[order], label[order]
         if score.numel() == 0:
             return empty
-        masks = F.interpolate(soft[None], size=size, mode="bilinear", align_corners=False)[0] > self.mask_threshold
+        masks = F.interpolate(soft[None], size=size, mode="bilinear", align_corners=False)[0] > mask_threshold
         if valid is not None:
             masks = masks & valid
         return dict(masks=masks, labels=label, scores=score)

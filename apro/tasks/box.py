@@ -215,24 +215,45 @@ def predict_coco(model: nn.Module, dataset, category_ids, batch_size: int = 2, p
     """Run ``model`` over an evaluation :class:`apro.data.CocoBoxDataset` (``train=False``)
     and return COCO predictions (RLE masks at original size) for
     :func:`apro.evaluation.evaluate_masks`."""
+    return _predict(model, dataset, category_ids, None, batch_size, progress)[0]
+
+
+@torch.no_grad()
+def _predict(model, dataset, category_ids, mask_thresholds, batch_size, progress) -> list:
+    """COCO predictions per mask threshold (``None``: the model's own, one list). A model with
+    ``predict_thresholds`` (SOLOv2) runs once per batch for all thresholds; others once per
+    batch and threshold, their threshold restored afterwards."""
     from ..data import collate_batch
     from ..evaluation import to_coco_predictions
 
     device = next(model.parameters()).device
     was_training = model.training
+    was_threshold = getattr(model, "mask_threshold", None)
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
-    predictions = []
+    predictions = [[] for _ in (mask_thresholds or [None])]
     if progress:
         from tqdm.auto import tqdm
 
         loader = tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True)
     try:
         for batch in loader:
-            outputs = model(batch["images"].to(device), valid=batch["valid"].to(device))
-            predictions.extend(to_coco_predictions(outputs, batch["targets"], category_ids))
+            images, valid = batch["images"].to(device), batch["valid"].to(device)
+            if mask_thresholds is None:
+                outputs = [model(images, valid=valid)]
+            elif hasattr(model, "predict_thresholds"):
+                outputs = model.predict_thresholds(images, valid, mask_thresholds)
+            else:
+                outputs = []
+                for t in mask_thresholds:
+                    set_test_thresholds(model, mask_threshold=t)
+                    outputs.append(model(images, valid=valid))
+            for kept, out in zip(predictions, outputs):
+                kept.extend(to_coco_predictions(out, batch["targets"], category_ids))
     finally:
         model.train(was_training)
+        if was_threshold is not None:
+            model.mask_threshold = was_threshold
     return predictions
 
 
@@ -243,6 +264,29 @@ def evaluate_model(model: nn.Module, image_dir, ann_file, *, short_side: int, ma
     Images are resized to ``short_side`` (long side capped at ``max_size``) as at training
     time; ``category_ids`` maps the model's contiguous classes to the JSON's category ids.
     """
+    return _evaluate(model, image_dir, ann_file, None, short_side, max_size, category_ids, batch_size, progress)[0]
+
+
+def evaluate_thresholds(model: nn.Module, image_dir, ann_file, mask_thresholds, *, short_side: int,
+                        max_size: Optional[int], category_ids, batch_size: int = 2, progress: bool = True) -> list:
+    """:func:`evaluate_model` at each test mask threshold in ``mask_thresholds``: one dict of
+    AP, AP50, AP75 per threshold, in order; the model's own threshold is left as it was.
+
+    The same numbers as :func:`set_test_thresholds` followed by :func:`evaluate_model` for each
+    threshold, but SOLOv2 runs its network once per image for all of them (a threshold only
+    changes the post-processing), so a scan costs about one evaluation.
+    """
+    thresholds = [float(t) for t in mask_thresholds]
+    if not thresholds:
+        raise ValueError("mask_thresholds is empty: give at least one threshold in (0, 1)")
+    for t in thresholds:
+        if not 0.0 < t < 1.0:
+            raise ValueError(f"mask_thresholds must lie in (0, 1) (predictions are probabilities), got {t!r}")
+    return _evaluate(model, image_dir, ann_file, thresholds, short_side, max_size, category_ids, batch_size, progress)
+
+
+def _evaluate(model, image_dir, ann_file, mask_thresholds, short_side, max_size, category_ids, batch_size,
+              progress) -> list:
     from ..data import CocoBoxDataset
     from ..evaluation import evaluate_masks
 
@@ -250,7 +294,6 @@ def evaluate_model(model: nn.Module, image_dir, ann_file, *, short_side: int, ma
     missing = sorted(set(dataset.category_ids) - set(category_ids))
     if missing:
         raise ValueError(f"{ann_file} has categories {missing[:10]} the model was not trained on")
-    predictions = predict_coco(model, dataset, category_ids, batch_size=batch_size, progress=progress)
     known = set(dataset.category_ids)  # a class absent from the evaluation set cannot be scored
-    predictions = [p for p in predictions if p["category_id"] in known]
-    return evaluate_masks(predictions, ann_file, image_ids=dataset.image_ids)
+    return [evaluate_masks([p for p in predictions if p["category_id"] in known], ann_file, image_ids=dataset.image_ids)
+            for predictions in _predict(model, dataset, category_ids, mask_thresholds, batch_size, progress)]
