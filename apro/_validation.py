@@ -59,6 +59,14 @@ def check_positive(value, name: str) -> float:
     return v
 
 
+def check_threshold(value, name: str) -> float:
+    """Require a test threshold on a probability: a number strictly between 0 and 1 (NaN refused)."""
+    v = float(value)
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"{name} must be in (0, 1) (predictions are probabilities), got {value!r}")
+    return v
+
+
 def check_kernel_size(value, name: str = "kernel_size") -> int:
     """Require an odd integer >= 1."""
     if isinstance(value, bool) or not isinstance(value, int):

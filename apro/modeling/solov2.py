@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from ..losses import BOX_MASK_LOSSES, PROJECTION_WEIGHT, box_mask_loss, box_projection_loss, tree_guide
 from ..losses.registry import check_box_loss
+from .._validation import check_threshold
 from ..tree import minimum_spanning_tree
 from ._inputs import check_forward_inputs
 from ._feature_cache import cached_backbone_features, check_cache_dir, check_cacheable
@@ -504,10 +505,7 @@ class SOLOv2(nn.Module):
         ``forward(images, valid)`` returns with ``mask_threshold`` set to it.
         """
         valid = check_forward_inputs(images, valid, None)
-        thresholds = [float(t) for t in mask_thresholds]
-        for t in thresholds:
-            if not 0.0 < t < 1.0:
-                raise ValueError(f"mask_thresholds must lie in (0, 1), got {t!r}")
+        thresholds = [check_threshold(t, "mask_thresholds") for t in mask_thresholds]
         categories, kernels, mask_features = self._heads(images, None)
         size = tuple(images.shape[-2:])
         return [self._inference(categories, kernels, mask_features, size, valid, t) for t in thresholds]

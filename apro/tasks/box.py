@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import engine
+from .._validation import check_threshold
 from ..engine.sampling import to_device
 from ..engine import EngineConfig, Task, check_choice
 
@@ -201,9 +202,7 @@ def set_test_thresholds(model: nn.Module, *, mask_threshold: Optional[float] = N
     for name, value in (("mask_threshold", mask_threshold), ("score_threshold", score_threshold)):
         if value is None:
             continue
-        value = float(value)
-        if not 0.0 < value < 1.0 or value != value:
-            raise ValueError(f"{name} must be in (0, 1) (predictions are probabilities), got {value!r}")
+        value = check_threshold(value, name)
         if not hasattr(model, name):
             raise ValueError(f"{type(model).__name__} has no {name} to override")
         setattr(model, name, value)
@@ -276,12 +275,9 @@ def evaluate_thresholds(model: nn.Module, image_dir, ann_file, mask_thresholds, 
     threshold, but SOLOv2 runs its network once per image for all of them (a threshold only
     changes the post-processing), so a scan costs about one evaluation.
     """
-    thresholds = [float(t) for t in mask_thresholds]
+    thresholds = [check_threshold(t, "mask_thresholds") for t in mask_thresholds]
     if not thresholds:
         raise ValueError("mask_thresholds is empty: give at least one threshold in (0, 1)")
-    for t in thresholds:
-        if not 0.0 < t < 1.0:
-            raise ValueError(f"mask_thresholds must lie in (0, 1) (predictions are probabilities), got {t!r}")
     return _evaluate(model, image_dir, ann_file, thresholds, short_side, max_size, category_ids, batch_size, progress)
 
 
