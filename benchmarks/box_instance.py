@@ -453,14 +453,22 @@ _LP_SETTINGS = (("LP 5x5 T20 (released)", 5, 20), ("LP 5x5 T10", 5, 10), ("LP 5x
                 ("LP 3x3 T20", 3, 20), ("LP 3x3 T10", 3, 10))
 
 
-def target_quality(run_dirs, batches: int) -> list[dict]:
+def _gp_label(zeta_gl: float, zeta_gh) -> str:
+    return f"GP {zeta_gl:g} / {zeta_gh:g}" if zeta_gh is not None else f"GP {zeta_gl:g}, one stage"
+
+
+def target_quality(run_dirs, batches: int, gp_scales=None, lp_settings=None) -> list[dict]:
     """How good each pairwise target is, measured against the ground-truth masks of the training
     images (which box supervision never reads; a diagnostic for tuning on the train split): per
     positive of a trained model's own training batches, inside its box, the IoU of ``target > 0.5``
     with the instance's mask and the mean ``|target - mask|`` (what the L1 term pulls ``p`` toward),
     averaged over the positives of each box-width bin. ``p`` and the filled box are the references; the targets
     are GP (released scales), LP box-masked with several kernel sizes and step counts (the
-    released 5 x 5, 20 steps assume stride-4 masks), the tree filter, and the two cascades."""
+    released 5 x 5, 20 steps assume stride-4 masks), the tree filter, and the two cascades.
+
+    ``gp_scales`` (``[(zeta_gl, zeta_gh or None), ...]``) and ``lp_settings`` (``[(kernel, zeta_s,
+    iterations), ...]``), when given, replace those targets by a grid of GP and LP settings (a
+    scale search on the training images; no cascades or tree filter then)."""
     from pycocotools.coco import COCO
 
     from apro import minimum_spanning_tree
@@ -479,14 +487,21 @@ def target_quality(run_dirs, batches: int) -> list[dict]:
             b = seen["box_mask"].float()
             guide = tree_guide("apro", seen["image"])
             tree = minimum_spanning_tree(guide)
-            gp = two_stage_gp(p, tree, 0.01, 0.07)
-            targets = {"filled box": b, "p": p, "GP": gp}
-            for label, k, t in _LP_SETTINGS:
-                targets[label] = local_propagation(p, guide, k, 0.15, t, mask=b)
-            targets["GP-LP-C"] = local_propagation(gp, guide, 5, 0.15, 20, mask=b)
-            targets["LP-GP-C"] = two_stage_gp(targets[_LP_SETTINGS[0][0]], tree, 0.01, 0.07)
-            targets["tree filter"] = tree_filter(p, minimum_spanning_tree(tree_guide("treefilter", seen["image"])),
-                                                 0.02)
+            targets = {"filled box": b, "p": p}
+            if gp_scales or lp_settings:
+                for zeta_gl, zeta_gh in gp_scales or ():
+                    targets[_gp_label(zeta_gl, zeta_gh)] = two_stage_gp(p, tree, zeta_gl, zeta_gh)
+                for k, zeta_s, t in lp_settings or ():
+                    targets[f"LP {k}x{k} zeta_s {zeta_s:g} T{t}"] = local_propagation(p, guide, k, zeta_s, t, mask=b)
+            else:
+                gp = two_stage_gp(p, tree, 0.01, 0.07)
+                targets["GP"] = gp
+                for label, k, t in _LP_SETTINGS:
+                    targets[label] = local_propagation(p, guide, k, 0.15, t, mask=b)
+                targets["GP-LP-C"] = local_propagation(gp, guide, 5, 0.15, 20, mask=b)
+                targets["LP-GP-C"] = two_stage_gp(targets[_LP_SETTINGS[0][0]], tree, 0.01, 0.07)
+                targets["tree filter"] = tree_filter(
+                    p, minimum_spanning_tree(tree_guide("treefilter", seen["image"])), 0.02)
             cols = _box_widths(b)
             area = b.sum(dim=(1, 2, 3)).clamp_min(1)
             for name, t in targets.items():
@@ -594,6 +609,30 @@ def qualitative_grid(values, set_dir: Path, models, losses, path: Path, images: 
     return path
 
 
+def _gp_scale(text: str):
+    """``ZGL,ZGH`` (ZGH ``none`` for one stage) -> ``(zeta_gl, zeta_gh or None)``."""
+    try:
+        lo, hi = text.split(",")
+        pair = (float(lo), None if hi.strip().lower() == "none" else float(hi))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ZGL,ZGH (e.g. 0.01,0.07 or 0.1,none), got {text!r}") from None
+    if not all(v is None or v > 0 for v in pair):
+        raise argparse.ArgumentTypeError(f"GP scales must be > 0, got {text!r}")
+    return pair
+
+
+def _lp_setting(text: str):
+    """``K,ZS,T`` -> ``(kernel size, zeta_s, iterations)``."""
+    try:
+        k, zs, t = text.split(",")
+        setting = (int(k), float(zs), int(t))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K,ZS,T (e.g. 5,0.15,20), got {text!r}") from None
+    if setting[0] < 1 or setting[0] % 2 == 0 or setting[1] <= 0 or setting[2] < 1:
+        raise argparse.ArgumentTypeError(f"LP needs an odd window >= 1, zeta_s > 0, iterations >= 1, got {text!r}")
+    return setting
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=None, help="folder of the sets (default $APRO_DATA or ../shared/data)")
@@ -619,6 +658,11 @@ def main(argv=None) -> int:
                         "are to the ground-truth masks of these trained runs' training batches, by box width, "
                         "and stop")
     p.add_argument("--target-batches", type=int, default=8)
+    p.add_argument("--gp-scales", nargs="+", type=_gp_scale, metavar="ZGL,ZGH",
+                   help="with --target-quality: GP settings to compare instead of the default targets "
+                        "(ZGH 'none' for one stage), e.g. 0.01,0.07 0.05,0.1 0.1,none")
+    p.add_argument("--lp-settings", nargs="+", type=_lp_setting, metavar="K,ZS,T",
+                   help="with --target-quality: LP settings (window, zeta_s, iterations) to compare, e.g. 5,0.15,20 3,0.3,10")
     p.add_argument("--thresholds", nargs="+", type=float, metavar="T",
                    help="score every finished run of --models/--variants/--seeds at these test mask thresholds "
                         "on its training images and on val, print the table and stop")
@@ -669,7 +713,7 @@ def main(argv=None) -> int:
                         "mean target - p over the box pixels where p > 0.5", lambda r: f"{r['mean']:+.3f}")
         return 0
     if args.target_quality:
-        _print_by_width(target_quality(args.target_quality, args.target_batches),
+        _print_by_width(target_quality(args.target_quality, args.target_batches, args.gp_scales, args.lp_settings),
                         "IoU (%) of target > 0.5 with the GT mask in the box (mean |target - mask|)",
                         lambda r: f"{r['iou']:.1f} ({r['l1']:.3f})")
         return 0

@@ -335,6 +335,27 @@ def test_apro_box_loss_flat_image_hand_computed():
     assert float(got) == pytest.approx(expected_g + expected_l, abs=1e-9)
 
 
+def test_apro_box_loss_one_stage_gp_hand_computed():
+    # zeta_gh=None: the paper's one-stage GP (Eq. 3). Row a, a, c: C_01 = 0, C_02 = C_12 = w.
+    image = rgb_row((0.2, 0.3, 0.4), (0.2, 0.3, 0.4), (0.7, 0.1, 0.5))
+    guide = imagenet_normalize(image)
+    w = float(((guide[..., 0] - guide[..., 2]) ** 2).sum())
+    zeta = 1.5
+    a = math.exp(-w / zeta**2)
+    lv = [0.4, -0.8, 1.3]
+    p = [sig(v) for v in lv]
+    logits = torch.tensor(lv, dtype=torch.float64).view(1, 1, 1, 3)
+    box = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64).view(1, 1, 1, 3)
+    y = [(p[0] + p[1] + a * p[2]) / (2 + a), (p[0] + p[1] + a * p[2]) / (2 + a), (a * (p[0] + p[1]) + p[2]) / (2 * a + 1)]
+    expected = 2.0 * sum(abs(y[i] - p[i]) for i in range(3)) / 3
+    got = apro_box_loss(logits, box, image, variant="gp", zeta_gl=zeta, zeta_gh=None)
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    # a second stage (here a wide one) changes the target, so the option is not a no-op
+    assert abs(float(apro_box_loss(logits, box, image, variant="gp", zeta_gl=zeta, zeta_gh=5.0)) - expected) > 1e-3
+    with pytest.raises(ValueError, match="zeta_gh"):
+        apro_box_loss(logits, box, image, variant="gp", zeta_gh=0.0)
+
+
 @pytest.mark.parametrize("fn", [apro_box_loss, tree_filter_box_loss, tree_filter_local_box_loss, crf_loss])
 def test_box_terms_are_normalised_per_instance_then_averaged(fn):
     # The released code divides each instance's term by its own box area, then averages.

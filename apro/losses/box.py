@@ -114,7 +114,8 @@ def _apro_box_terms(
     gp_size = check_gp_size(gp_size)
     check_variant(variant, VARIANTS)
     zeta_gl = positive(zeta_gl, "zeta_gl")
-    zeta_gh = positive(zeta_gh, "zeta_gh")
+    if zeta_gh is not None:
+        zeta_gh = positive(zeta_gh, "zeta_gh")
     positive(zeta_s, "zeta_s")
     check_kernel_size(kernel_size)
     check_count(iterations, "iterations")
@@ -164,7 +165,7 @@ def apro_box_loss(
     *,
     variant: str = "gp-lp-p",
     zeta_gl: float = 0.01,
-    zeta_gh: float = 0.07,
+    zeta_gh: Optional[float] = 0.07,
     zeta_s: float = 0.15,
     kernel_size: int = 5,
     iterations: int = 20,
@@ -179,7 +180,8 @@ def apro_box_loss(
     With ``p = sigmoid(logits)`` and ``B = box_mask``, pseudo labels are made from ``p``
     (detached): ``GP`` is the two-stage global propagation of the released model
     (``y1 = GP(p; image, zeta_gl)``, ``GP = GP(y1; weights from y1, zeta_gh)``, one tree from
-    the ImageNet-normalised image) and ``LP`` the local propagation on the normalised image,
+    the ImageNet-normalised image; ``zeta_gh=None`` runs the first stage only, the paper's
+    Eq. 3) and ``LP`` the local propagation on the normalised image,
     multiplied by ``B`` before the first and after every step. Each term is
     ``sum(|Y - p| B) / sum(B)`` per instance (as in the released code), averaged over the
     instances. Variants:
