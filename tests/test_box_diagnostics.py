@@ -154,3 +154,28 @@ def test_threshold_scan_scores_both_splits_once_and_picks_on_train(run, monkeypa
     means = bench.threshold_means({"solov2-apro-s0": rows, "solov2-apro-s1": other}).splitlines()[-1]
     assert means.startswith("| solov2-apro | 0,1 |")
     assert f"| 30.00 | 5.00 | {(5.0 + 30.0) / 2:.2f} / " in means  # per threshold, then at each run's choice
+
+
+def test_target_quality_grid_repeats_the_released_rows_and_parses_its_settings(run):
+    import argparse
+
+    bench = _bench()
+    default = {(r["target"], r["width"]): r for r in bench.target_quality([run], 2)}
+    rows = bench.target_quality([run], 2, gp_scales=[(0.01, 0.07), (0.03, None)], lp_settings=[(5, 0.15, 20)])
+    grid = {(r["target"], r["width"]): r for r in rows}
+    assert {r["target"] for r in rows} == {"filled box", "p", "GP 0.01 / 0.07", "GP 0.03, one stage",
+                                            "LP 5x5 zeta_s 0.15 T20"}
+    for label, _, _ in bench._WIDTH_BINS:
+        for new, old in (("GP 0.01 / 0.07", "GP"), ("LP 5x5 zeta_s 0.15 T20", "LP 5x5 T20 (released)"), ("p", "p")):
+            a, b = grid[(new, label)], default[(old, label)]
+            assert a["positives"] == b["positives"]
+            if a["positives"]:
+                assert a["iou"] == pytest.approx(b["iou"]) and a["l1"] == pytest.approx(b["l1"])
+    assert bench._gp_scale("0.03,none") == (0.03, None) and bench._gp_scale("0.01,0.07") == (0.01, 0.07)
+    assert bench._lp_setting("3,0.15,20") == (3, 0.15, 20)
+    for bad in ("0.1", "0,0.07", "a,b"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench._gp_scale(bad)
+    for bad in ("4,0.15,20", "3,0,20", "3,0.15"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench._lp_setting(bad)
