@@ -19,12 +19,12 @@ from .. import engine
 from .._validation import check_threshold
 from ..engine.sampling import to_device
 from ..engine import EngineConfig, Task, check_choice
+from ..modeling.backbones import BACKBONES
 
 MASK_LOSSES = (
     "apro", "projection", "pairwise", "treefilter", "treefilter-local",
     "crf", "gp", "lp", "gp-lp-c", "lp-gp-c",
 )
-BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "resnet101")
 MODELS = ("solov2", "mask2former")  # apro.modeling.SOLOv2, apro.modeling.Mask2Former
 
 

@@ -34,10 +34,10 @@ from torch import nn
 
 from .. import engine
 from ..engine import EngineConfig, Task, check_choice
+from ..modeling.backbones import BACKBONES
 
 SEMANTIC_LOSSES = ("apro", "treeenergy", "pce")
 LABELS = ("points", "scribbles", "gt")
-BACKBONES = ("efficientnet_lite0", "resnet50", "resnet101")
 OUTPUT_STRIDE = 4
 
 
