@@ -341,3 +341,21 @@ def test_pairwise_terms_leave_out_the_crop_padding(loss):
     assert any(abs(float(kept[k]) - float(cut[k])) > 1e-4 for k in pairwise)
     with pytest.raises(ValueError, match="ignore_padding must be true or false"):
         SemanticConfig(ignore_padding="yes").validate()
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_semantic_task_takes_the_larger_efficientnet_lites(name):
+    from apro.tasks.semantic import build_model
+
+    config = SemanticConfig(backbone=name, pretrained=False)
+    config.validate()
+    torch.manual_seed(0)
+    model = build_model(config, 21).eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 64, 64))
+    logits = out["logits"] if isinstance(out, dict) else out
+    assert logits.shape[:2] == (1, 21) and torch.isfinite(logits).all()
+    # frozen backbone by default: only the decoder trains
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    with pytest.raises(ValueError, match="backbone"):
+        SemanticConfig(backbone="efficientnet_lite9").validate()
