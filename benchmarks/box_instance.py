@@ -610,27 +610,27 @@ def qualitative_grid(values, set_dir: Path, models, losses, path: Path, images: 
 
 
 def _gp_scale(text: str):
-    """``ZGL,ZGH`` (ZGH ``none`` for one stage) -> ``(zeta_gl, zeta_gh or None)``."""
+    """``ZGL,ZGH`` (ZGH ``none`` for one stage) -> ``(zeta_gl, zeta_gh or None)``, each checked as the loss does."""
+    from apro._validation import check_positive
+
     try:
         lo, hi = text.split(",")
-        pair = (float(lo), None if hi.strip().lower() == "none" else float(hi))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ZGL,ZGH (e.g. 0.01,0.07 or 0.1,none), got {text!r}") from None
-    if not all(v is None or v > 0 for v in pair):
-        raise argparse.ArgumentTypeError(f"GP scales must be > 0, got {text!r}")
-    return pair
+        return check_positive(lo, "ZGL"), None if hi.strip().lower() == "none" else check_positive(hi, "ZGH")
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"expected ZGL,ZGH with scales > 0 (e.g. 0.01,0.07 or 0.1,none), "
+                                         f"got {text!r}: {err}") from None
 
 
 def _lp_setting(text: str):
-    """``K,ZS,T`` -> ``(kernel size, zeta_s, iterations)``."""
+    """``K,ZS,T`` -> ``(kernel size, zeta_s, iterations)``, each checked as the loss does (and T >= 1)."""
+    from apro._validation import check_count, check_kernel_size, check_positive
+
     try:
         k, zs, t = text.split(",")
-        setting = (int(k), float(zs), int(t))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected K,ZS,T (e.g. 5,0.15,20), got {text!r}") from None
-    if setting[0] < 1 or setting[0] % 2 == 0 or setting[1] <= 0 or setting[2] < 1:
-        raise argparse.ArgumentTypeError(f"LP needs an odd window >= 1, zeta_s > 0, iterations >= 1, got {text!r}")
-    return setting
+        return check_kernel_size(int(k)), check_positive(zs, "zeta_s"), check_count(int(t), "iterations", 1)
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"expected K,ZS,T: an odd window >= 1, zeta_s > 0, iterations >= 1 "
+                                         f"(e.g. 5,0.15,20), got {text!r}: {err}") from None
 
 
 def main(argv=None) -> int:

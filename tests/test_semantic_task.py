@@ -352,8 +352,7 @@ def test_semantic_task_takes_the_larger_efficientnet_lites(name):
     torch.manual_seed(0)
     model = build_model(config, 21).eval()
     with torch.no_grad():
-        out = model(torch.rand(1, 3, 64, 64))
-    logits = out["logits"] if isinstance(out, dict) else out
+        logits = model(torch.rand(1, 3, 64, 64))["logits"]
     assert logits.shape[:2] == (1, 21) and torch.isfinite(logits).all()
     # frozen backbone by default: only the decoder trains
     assert not any(p.requires_grad for p in model.backbone.parameters())
