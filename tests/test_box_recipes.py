@@ -18,8 +18,9 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = ("pennfudan", "coco_person", "coco_mini20", "coco_person_lite2", "coco_person_lp3",
            "coco_person_stage4", "coco_person_stage4_lp3", "coco_person_stage4_s4",
            "coco_person_stage4_up4", "coco_person_stage4_s4_tuned",
-           "coco_person_stage4_s4_lp3", "coco_person_stage4_s4_lp3_jitter")
-VARIANT_SUFFIXES = ("_jitter", "_tuned", "_lite2", "_lp3", "_s4", "_up4", "_stage4")  # experiment configs: a recipe with one change, on its set
+           "coco_person_stage4_s4_lp3", "coco_person_stage4_s4_lp3_jitter",
+           "coco_person_stage4_s4_lp3_levels")
+VARIANT_SUFFIXES = ("_levels", "_jitter", "_tuned", "_lite2", "_lp3", "_s4", "_up4", "_stage4")  # experiment configs: a recipe with one change, on its set
 TINY = dict(fpn_channels=16, head_channels=16, mask_channels=8, mask_branch_channels=16,
             grid_sizes=[8, 4], scale_ranges=[[1, 32], [24, 4096]])
 
@@ -57,6 +58,8 @@ def test_shipped_recipe_loads_validates_and_names_no_machine_path(name, tmp_path
     model = build_model(BoxConfig.from_dict(dict(config.to_dict(), pretrained=False)), 3)
     assert model.mask_stride == config.model_options["mask_stride"]
     assert model.loss_stride == config.model_options.get("loss_stride", model.mask_stride)
+    levels = config.model_options.get("level_loss_strides")
+    assert model.level_loss_strides == (tuple(levels) if levels else None)
     assert len(model.grid_sizes) == len(config.model_options["scale_ranges"])
     assert config.backbone == raw.get("backbone", "efficientnet_lite0")
 

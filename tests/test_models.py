@@ -838,3 +838,64 @@ def test_loss_options_reach_the_mask_loss_and_bad_ones_fail_at_construction(monk
         with pytest.raises((TypeError, ValueError), match=message) as info:
             SOLOv2(3, mask_loss="apro", loss_options=bad, **TINY)
         assert "loss_options" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["apro", "pairwise", "projection"])
+def test_level_loss_strides_equal_to_the_mask_stride_change_nothing(name):
+    torch.manual_seed(0)
+    plain = SOLOv2(3, mask_loss=name, **TINY)
+    same = SOLOv2(3, mask_loss=name, level_loss_strides=(8, 8), **TINY)
+    same.load_state_dict(plain.state_dict())
+    images = torch.rand(2, 3, 128, 128)
+    a, b = plain(images, targets=_targets()), same(images, targets=_targets())
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+def test_level_loss_strides_compute_each_level_at_its_stride(monkeypatch):
+    """Level 1's positives are scored on their logits bilinearly resized to stride 16, with
+    the image and boxes at stride 16; the loss is the positive-weighted mean of the levels'."""
+    import apro.modeling.solov2 as solov2_module
+
+    calls = []
+    real = solov2_module.box_mask_loss
+
+    def spy(loss_name, logits, box_mask, image, *args, **kwargs):
+        got = real(loss_name, logits, box_mask, image, *args, **kwargs)
+        calls.append(dict(logits=logits.detach().clone(), box=box_mask.clone(), image=image.clone(),
+                          loss=float(got[0])))
+        return got
+
+    monkeypatch.setattr(solov2_module, "box_mask_loss", spy)
+    torch.manual_seed(0)
+    plain = SOLOv2(3, mask_loss="apro", **TINY)
+    mixed = SOLOv2(3, mask_loss="apro", level_loss_strides=(8, 16), **TINY)
+    mixed.load_state_dict(plain.state_dict())
+    images = torch.rand(2, 3, 128, 128)
+    # one small box (level 0: sqrt(area) < 24) and two large ones (level 1: > 48)
+    targets = [dict(boxes=torch.tensor([[10.0, 10.0, 26.0, 30.0], [4.0, 30.0, 90.0, 120.0]]), labels=torch.tensor([0, 2])),
+               dict(boxes=torch.tensor([[20.0, 8.0, 124.0, 100.0]]), labels=torch.tensor([1]))]
+    plain(images, targets=targets)
+    whole = calls.pop()["logits"]  # every positive at stride 8, in level order
+    out = mixed(images, targets=targets)
+    fine, coarse = calls
+    assert fine["logits"].shape[-2:] == (16, 16) and coarse["logits"].shape[-2:] == (8, 8)
+    n_fine, n_coarse = fine["logits"].shape[0], coarse["logits"].shape[0]
+    assert n_fine >= 1 and n_coarse >= 1 and n_fine + n_coarse == whole.shape[0]
+    torch.testing.assert_close(fine["logits"], whole[:n_fine])
+    down = torch.nn.functional.interpolate(whole[n_fine:], size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(coarse["logits"], down)
+    small = torch.nn.functional.avg_pool2d(images, 16)
+    assert all(any(torch.equal(coarse["image"][i], small[b]) for b in range(2)) for i in range(n_coarse))
+    assert all(float(m.sum()) > 0 for m in coarse["box"])
+    expected = (n_fine * fine["loss"] + n_coarse * coarse["loss"]) / (n_fine + n_coarse)
+    assert abs(float(out["loss_mask"]) - expected) < 1e-5
+    out["loss"].backward()
+    assert mixed.head.kernel_out.weight.grad.abs().sum() > 0
+
+
+def test_level_loss_strides_are_checked():
+    with pytest.raises(ValueError, match="level_loss_strides must be None or one of 4, 8, 16, 32 per grid level"):
+        SOLOv2(2, level_loss_strides=(8,), **TINY)
+    with pytest.raises(ValueError, match="level_loss_strides"):
+        SOLOv2(2, level_loss_strides=(8, 12), **TINY)

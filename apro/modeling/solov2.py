@@ -399,6 +399,13 @@ class SOLOv2(nn.Module):
             losses at ``mask_out_stride`` 4 from stride-8 logits. The released APro head's losses
             run at stride 4; this gives them that resolution without stride-4 features.
             Inference is unchanged (the stride-8 masks are upsampled to the image).
+        level_loss_strides: None (every level's mask loss at ``loss_stride``) or one stride per
+            grid level (4, 8, 16 or 32): the positives of level ``l`` have their mask logits
+            bilinearly resized to that stride (as the released BoxSOLOv2 head resizes each
+            level's masks to twice that level's feature size: strides 4, 4, 8, 16, 16 for its
+            five levels) and their loss computed there, on the image average-pooled and the boxes
+            rasterised at that stride, each level with its own trees. The loss is the mean over
+            all positives, as with one stride. Inference is unchanged.
         loss_options: None (the released head's settings: GP ``zeta_gl`` 0.01 / ``zeta_gh``
             0.07, LP 5 x 5 with 20 steps, weights 2 / 1) or a dict overriding some of them,
             keys of ``apro.losses.registry.BOX_LOSS_OPTIONS`` (e.g. ``{"kernel_size": 3}``: the
@@ -419,7 +426,8 @@ class SOLOv2(nn.Module):
                  nms_pre: int = 500, max_detections: int = 100, nms_kernel: str = "gaussian",
                  nms_sigma: float = 2.0, pairwise_warmup: int = 0, frozen_stages: int | None = None,
                  cache_backbone: bool = False, cache_dir: str | None = None,
-                 loss_stride: int | None = None, loss_options: dict | None = None):
+                 loss_stride: int | None = None, level_loss_strides: Sequence[int] | None = None,
+                 loss_options: dict | None = None):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
@@ -433,6 +441,12 @@ class SOLOv2(nn.Module):
         if len(grid_sizes) < 1 or len(grid_sizes) != len(scale_ranges):
             raise ValueError(f"grid_sizes and scale_ranges need one entry per level, got "
                              f"{len(grid_sizes)} and {len(scale_ranges)}")
+        if level_loss_strides is not None:
+            level_loss_strides = tuple(level_loss_strides)
+            if len(level_loss_strides) != len(grid_sizes) or any(
+                    isinstance(v, bool) or v not in (4, 8, 16, 32) for v in level_loss_strides):
+                raise ValueError(f"level_loss_strides must be None or one of 4, 8, 16, 32 per grid level "
+                                 f"({len(grid_sizes)} levels), got {level_loss_strides!r}")
         if nms_kernel not in ("gaussian", "linear"):
             raise ValueError(f"nms_kernel must be 'gaussian' or 'linear', got {nms_kernel!r}")
         if mask_loss not in BOX_MASK_LOSSES:
@@ -442,6 +456,7 @@ class SOLOv2(nn.Module):
         self.loss_options = _checked_loss_options(mask_loss, loss_options)
         self.mask_stride = mask_stride
         self.loss_stride = loss_stride
+        self.level_loss_strides = level_loss_strides
         self.grid_sizes = tuple(int(s) for s in grid_sizes)
         self.scale_ranges = tuple((float(a), float(b)) for a, b in scale_ranges)
         self.center_sigma = center_sigma
@@ -537,7 +552,7 @@ class SOLOv2(nn.Module):
         device = images.device
         category_targets = [torch.full((batch, s, s), self.num_classes, dtype=torch.int64)
                             for s in self.grid_sizes]
-        positive_kernels, positive_image, positive_boxes = [], [], []
+        positive_kernels, positive_image, positive_boxes, positive_level = [], [], [], []
         for b, target in enumerate(targets):
             if not isinstance(target, dict) or "boxes" not in target or "labels" not in target:
                 raise ValueError(f"targets[{b}] must be a dict with 'boxes' (K, 4) and 'labels' (K,)")
@@ -554,6 +569,7 @@ class SOLOv2(nn.Module):
                 positive_kernels.append(cells[:, positive.to(device)].t())
                 positive_image.append(torch.full((positive.numel(),), b, dtype=torch.int64))
                 positive_boxes.append(boxes.detach().to(device, torch.float32)[instance.flatten()[positive].to(device)])
+                positive_level.append(torch.full((positive.numel(),), level, dtype=torch.int64))
 
         # Category branch: focal loss over every cell and class, normalised by #positives + 1.
         logits = torch.cat([c.permute(0, 2, 3, 1).reshape(-1, self.num_classes) for c in categories])
@@ -564,30 +580,31 @@ class SOLOv2(nn.Module):
         loss_category = loss_category / (num_positives + 1)
 
         out: dict[str, torch.Tensor] = {}
-        upsample = self.mask_stride // self.loss_stride
-        mask_h, mask_w = (n * upsample for n in mask_features.shape[-2:])
-        small = F.avg_pool2d(images, self.loss_stride)  # RGB [0, 1] at the losses' resolution
         if positive_kernels:
             kernels_p = torch.cat(positive_kernels)
             image_index = torch.cat(positive_image)
             boxes_p = torch.cat(positive_boxes)
             mask_logits = _dynamic_masks(kernels_p, image_index, mask_features)
-            if upsample > 1:  # align_corners=False keeps the pixel centres (8i + 3.5 = 4j + 1.5)
-                mask_logits = F.interpolate(mask_logits, scale_factor=upsample, mode="bilinear", align_corners=False)
-            targets_p = box_masks(boxes_p, (mask_h, mask_w), self.loss_stride)
-            tree = None
-            if self.mask_loss in _TREE_LOSSES:
-                tree = minimum_spanning_tree(tree_guide(self.mask_loss, small)).select(image_index)
-            loss_mask, terms = box_mask_loss(self.mask_loss, mask_logits, targets_p, small[image_index.to(device)],
-                                             tree=tree, return_terms=True, options=self.loss_options)
-            ramp = self._pairwise_ramp()
-            if ramp < 1.0 and self.mask_loss != "projection":
-                weight = (self.loss_options or {}).get("projection_weight", PROJECTION_WEIGHT)
-                projection = weight * box_projection_loss(mask_logits, targets_p)
-                loss_mask = projection + ramp * (loss_mask - projection)
+            if self.level_loss_strides is None:
+                loss_mask, terms = self._mask_loss_at(self.loss_stride, mask_logits, image_index, boxes_p, images)
+            else:  # each level's positives at its own stride; the mean over all positives
+                level_p = torch.cat(positive_level)
+                strides_p = torch.tensor(self.level_loss_strides)[level_p]
+                loss_mask, terms, total = 0.0, {}, float(level_p.numel())
+                for stride in sorted(set(strides_p.tolist())):
+                    chosen = (strides_p == stride).nonzero().squeeze(1)
+                    share = chosen.numel() / total
+                    loss_s, terms_s = self._mask_loss_at(stride, mask_logits[chosen.to(device)], image_index[chosen],
+                                                         boxes_p[chosen.to(device)], images)
+                    loss_mask = loss_mask + share * loss_s
+                    for name, value in terms_s.items():
+                        terms[name] = terms.get(name, 0.0) + share * float(value)
         else:
             # No object: an exact zero that keeps every parameter in the graph (DDP) and reports
             # the same terms (the losses give zero for an instance with an empty box).
+            upsample = self.mask_stride // self.loss_stride
+            mask_h, mask_w = (n * upsample for n in mask_features.shape[-2:])
+            small = F.avg_pool2d(images, self.loss_stride)
             untouched = sum(k.sum() for k in kernels) + mask_features.sum()
             dummy = (0.0 * untouched).expand(1, 1, mask_h, mask_w)
             loss_mask, terms = box_mask_loss(self.mask_loss, dummy, torch.zeros_like(dummy), small[:1],
@@ -605,6 +622,31 @@ class SOLOv2(nn.Module):
         if self.training:
             self.training_step += 1
         return out
+
+    def _mask_loss_at(self, stride: int, mask_logits, image_index, boxes, images):
+        """The mask loss of positives whose ``(P, 1, h, w)`` logits are at ``self.mask_stride``,
+        computed at ``stride``: logits resized bilinearly (pixel centres kept), image
+        average-pooled and boxes rasterised at that stride. Returns ``(loss, terms)``."""
+        height, width = images.shape[-2:]
+        size = (height // stride, width // stride)
+        if stride < self.mask_stride:  # align_corners=False keeps the pixel centres (8i + 3.5 = 4j + 1.5)
+            mask_logits = F.interpolate(mask_logits, scale_factor=self.mask_stride // stride, mode="bilinear",
+                                        align_corners=False)
+        elif stride > self.mask_stride:
+            mask_logits = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
+        small = F.avg_pool2d(images, stride)  # RGB [0, 1] at the losses' resolution
+        targets_p = box_masks(boxes, tuple(mask_logits.shape[-2:]), stride)
+        tree = None
+        if self.mask_loss in _TREE_LOSSES:
+            tree = minimum_spanning_tree(tree_guide(self.mask_loss, small)).select(image_index)
+        loss_mask, terms = box_mask_loss(self.mask_loss, mask_logits, targets_p, small[image_index.to(images.device)],
+                                         tree=tree, return_terms=True, options=self.loss_options)
+        ramp = self._pairwise_ramp()
+        if ramp < 1.0 and self.mask_loss != "projection":
+            weight = (self.loss_options or {}).get("projection_weight", PROJECTION_WEIGHT)
+            projection = weight * box_projection_loss(mask_logits, targets_p)
+            loss_mask = projection + ramp * (loss_mask - projection)
+        return loss_mask, terms
 
     def _pairwise_ramp(self) -> float:
         if self.pairwise_warmup == 0:
