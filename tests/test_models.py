@@ -876,7 +876,7 @@ def test_level_loss_strides_compute_each_level_at_its_stride(monkeypatch):
     targets = [dict(boxes=torch.tensor([[10.0, 10.0, 26.0, 30.0], [4.0, 30.0, 90.0, 120.0]]), labels=torch.tensor([0, 2])),
                dict(boxes=torch.tensor([[20.0, 8.0, 124.0, 100.0]]), labels=torch.tensor([1]))]
     plain(images, targets=targets)
-    whole = calls.pop()["logits"]  # every positive at stride 8, in level order
+    whole = calls.pop()["logits"]  # every positive at stride 8; image 0's level-0 one comes first
     out = mixed(images, targets=targets)
     fine, coarse = calls
     assert fine["logits"].shape[-2:] == (16, 16) and coarse["logits"].shape[-2:] == (8, 8)

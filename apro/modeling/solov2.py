@@ -627,12 +627,8 @@ class SOLOv2(nn.Module):
         """The mask loss of positives whose ``(P, 1, h, w)`` logits are at ``self.mask_stride``,
         computed at ``stride``: logits resized bilinearly (pixel centres kept), image
         average-pooled and boxes rasterised at that stride. Returns ``(loss, terms)``."""
-        height, width = images.shape[-2:]
-        size = (height // stride, width // stride)
-        if stride < self.mask_stride:  # align_corners=False keeps the pixel centres (8i + 3.5 = 4j + 1.5)
-            mask_logits = F.interpolate(mask_logits, scale_factor=self.mask_stride // stride, mode="bilinear",
-                                        align_corners=False)
-        elif stride > self.mask_stride:
+        if stride != self.mask_stride:  # align_corners=False keeps the pixel centres (8i + 3.5 = 4j + 1.5)
+            size = tuple(n * self.mask_stride // stride for n in mask_logits.shape[-2:])
             mask_logits = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
         small = F.avg_pool2d(images, stride)  # RGB [0, 1] at the losses' resolution
         targets_p = box_masks(boxes, tuple(mask_logits.shape[-2:]), stride)
