@@ -19,8 +19,8 @@ RECIPES = ("pennfudan", "coco_person", "coco_mini20", "coco_person_lite2", "coco
            "coco_person_stage4", "coco_person_stage4_lp3", "coco_person_stage4_s4",
            "coco_person_stage4_up4", "coco_person_stage4_s4_tuned",
            "coco_person_stage4_s4_lp3", "coco_person_stage4_s4_lp3_jitter",
-           "coco_person_stage4_s4_lp3_levels")
-VARIANT_SUFFIXES = ("_levels", "_jitter", "_tuned", "_lite2", "_lp3", "_s4", "_up4", "_stage4")  # experiment configs: a recipe with one change, on its set
+           "coco_person_stage4_s4_lp3_levels", "coco_person_stage4_s4_lp3_levels_warm")
+VARIANT_SUFFIXES = ("_warm", "_levels", "_jitter", "_tuned", "_lite2", "_lp3", "_s4", "_up4", "_stage4")  # experiment configs: a recipe with one change, on its set
 TINY = dict(fpn_channels=16, head_channels=16, mask_channels=8, mask_branch_channels=16,
             grid_sizes=[8, 4], scale_ranges=[[1, 32], [24, 4096]])
 
