@@ -98,16 +98,35 @@ def test_training_reduces_the_loss_and_logs_every_term(tmp_path):
     assert result.step == 24
     rows = read_log(tmp_path / "log.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 25))
-    assert set(rows[0]) == {"step", "epoch", "lr", "loss", "loss_fit", "loss_label"}
+    assert set(rows[0]) == {"step", "epoch", "lr", "loss", "loss_fit", "loss_label", "grad_norm"}
     assert sum(r["loss_fit"] for r in rows[-4:]) < 0.5 * sum(r["loss_fit"] for r in rows[:4])
     # 10 images, batch 2: 5 steps per epoch
     assert [r["epoch"] for r in rows[:11]] == [0] * 5 + [1] * 5 + [2]
     header = (tmp_path / "log.csv").read_text().splitlines()[0].split(",")
-    assert header == ["step", "epoch", "lr", "loss", "loss_fit", "loss_label"]
+    assert header == ["step", "epoch", "lr", "loss", "loss_fit", "loss_label", "grad_norm"]
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 25
     # the last step always gets a checkpoint, even off the checkpoint_every grid
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint_00000024.pt"]
     assert result.checkpoint == checkpoint_path(tmp_path, 24)
+
+
+def test_grad_norm_is_logged_before_clipping_and_only_when_clipping(tmp_path):
+    def first_step(name, clip):  # SGD, no momentum / decay / warm-up: the step is lr x the (clipped) gradient
+        result = run(tiny_config(tmp_path / name, steps=1, grad_clip=clip, lr=0.1, warmup_steps=0, schedule="constant",
+                                 momentum=0.0, weight_decay=0.0))
+        torch.manual_seed(0)
+        start = dict(TinyModel().named_parameters())
+        after = dict(result.model.named_parameters())
+        moved = torch.sqrt(sum((after[k].detach() - start[k].detach()).pow(2).sum() for k in start))
+        return result.history[0]["grad_norm"], float(moved)
+
+    norm_free, moved_free = first_step("loose", 1e6)
+    norm_clipped, moved_clipped = first_step("tight", 1e-3)
+    assert moved_free == pytest.approx(0.1 * norm_free, rel=1e-4)  # the logged value is the gradient's norm
+    assert norm_clipped == pytest.approx(norm_free, rel=1e-6) and norm_clipped > 1e-3  # taken before clipping
+    assert moved_clipped == pytest.approx(0.1 * 1e-3, rel=1e-4)
+    rows = run(tiny_config(tmp_path / "unclipped", steps=2, grad_clip=None)).history
+    assert all("grad_norm" not in r for r in rows)
 
 
 def test_resume_continues_step_count_and_loss_curve_exactly(tmp_path):

@@ -281,7 +281,8 @@ def _run_hooks(hooks, step: int, model: nn.Module, out: Path) -> list:
 
 
 def _train_step(net, task, batch, optimizer, scheduler, scaler, config, device, use_amp, step, ddp) -> dict:
-    """One optimizer step; returns the loss terms (averaged over ranks) for the log."""
+    """One optimizer step; returns the loss terms (averaged over ranks) for the log, and with
+    ``grad_clip`` set the gradients' total norm before clipping (``grad_norm``)."""
     autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
     with autocast:
         losses = task.losses(net, batch, device)
@@ -295,7 +296,8 @@ def _train_step(net, task, batch, optimizer, scheduler, scaler, config, device, 
     scaler.scale(losses["loss"]).backward()
     if config.grad_clip is not None:
         scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
+        norm = nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
+        terms["grad_norm"] = float(norm)  # before clipping; the same on every rank (after DDP's all-reduce)
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
