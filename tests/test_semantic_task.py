@@ -229,7 +229,7 @@ def test_cli_train_eval_predict_and_bad_files(tmp_path, capsys):
                "--out", run])
     assert rc == 0
     assert "trained 2 steps" in capsys.readouterr().out
-    assert (Path(run) / "log.csv").read_text().splitlines()[0].split(",")[-2:] == ["treeenergy", "loss"]
+    assert (Path(run) / "log.csv").read_text().splitlines()[0].split(",")[-3:] == ["treeenergy", "loss", "grad_norm"]
     rc = main(["eval", "semantic", run, "--data", data, "--split", "val", "--quiet"])
     printed = capsys.readouterr().out
     assert rc == 0 and "mIoU" in printed and "aeroplane" in printed
