@@ -894,6 +894,28 @@ def test_level_loss_strides_compute_each_level_at_its_stride(monkeypatch):
     assert mixed.head.kernel_out.weight.grad.abs().sum() > 0
 
 
+def test_pairwise_warmup_with_level_loss_strides_ramps_each_level():
+    """The recipe's combination: at ramp 0 the mask loss is the projection-only model's (per
+    level, same strides), at ramp 1 the unramped APro model's."""
+    torch.manual_seed(0)
+    ramped = SOLOv2(3, mask_loss="apro", level_loss_strides=(8, 16), pairwise_warmup=2, **TINY)
+    projection = SOLOv2(3, mask_loss="projection", level_loss_strides=(8, 16), **TINY)
+    full = SOLOv2(3, mask_loss="apro", level_loss_strides=(8, 16), **TINY)
+    projection.load_state_dict(ramped.state_dict())
+    full.load_state_dict(ramped.state_dict())  # training_step 0 too: loaded before any step
+    images = torch.rand(2, 3, 128, 128)
+    targets = [dict(boxes=torch.tensor([[10.0, 10.0, 26.0, 30.0], [4.0, 30.0, 90.0, 120.0]]), labels=torch.tensor([0, 2])),
+               dict(boxes=torch.tensor([[20.0, 8.0, 124.0, 100.0]]), labels=torch.tensor([1]))]
+    with torch.no_grad():
+        start = ramped(images, targets=targets)["loss_mask"]
+        assert float(start) == pytest.approx(float(projection(images, targets=targets)["loss_mask"]), rel=1e-5)
+        ramped(images, targets=targets)
+        end = ramped(images, targets=targets)  # training_step 2: ramp 1
+        assert float(end["pairwise_ramp"]) == 1.0
+        assert float(end["loss_mask"]) == pytest.approx(float(full(images, targets=targets)["loss_mask"]), rel=1e-5)
+        assert float(end["loss_mask"]) != pytest.approx(float(start), rel=1e-3)  # the ramp did change the loss
+
+
 def test_level_loss_strides_are_checked():
     with pytest.raises(ValueError, match="level_loss_strides must be None or one of 4, 8, 16, 32 per grid level"):
         SOLOv2(2, level_loss_strides=(8,), **TINY)
