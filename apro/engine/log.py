@@ -15,7 +15,8 @@ LOG_JSONL = "log.jsonl"
 class LossLog:
     """Per-step loss terms written to ``log.csv`` and ``log.jsonl`` (rank 0 only).
 
-    Rows are ``{"step", "epoch", "lr", <every loss term>}``. On resume the files are rewritten
+    Rows are ``{"step", "epoch", "lr", <every loss term>}`` (and ``"grad_norm"`` when the run
+    clips gradients). On resume the files are rewritten
     from the checkpoint's history, so rows logged after that checkpoint by an interrupted run
     disappear and the curve continues as if uninterrupted.
     """
