@@ -840,6 +840,12 @@ def test_loss_options_reach_the_mask_loss_and_bad_ones_fail_at_construction(monk
         assert "loss_options" in str(info.value)
 
 
+def _two_level_targets():
+    """One small box (level 0 of TINY: sqrt(area) < 24) and two large ones (level 1: > 48)."""
+    return [dict(boxes=torch.tensor([[10.0, 10.0, 26.0, 30.0], [4.0, 30.0, 90.0, 120.0]]), labels=torch.tensor([0, 2])),
+            dict(boxes=torch.tensor([[20.0, 8.0, 124.0, 100.0]]), labels=torch.tensor([1]))]
+
+
 @pytest.mark.parametrize("name", ["apro", "pairwise", "projection"])
 def test_level_loss_strides_equal_to_the_mask_stride_change_nothing(name):
     torch.manual_seed(0)
@@ -872,9 +878,7 @@ def test_level_loss_strides_compute_each_level_at_its_stride(monkeypatch):
     mixed = SOLOv2(3, mask_loss="apro", level_loss_strides=(8, 16), **TINY)
     mixed.load_state_dict(plain.state_dict())
     images = torch.rand(2, 3, 128, 128)
-    # one small box (level 0: sqrt(area) < 24) and two large ones (level 1: > 48)
-    targets = [dict(boxes=torch.tensor([[10.0, 10.0, 26.0, 30.0], [4.0, 30.0, 90.0, 120.0]]), labels=torch.tensor([0, 2])),
-               dict(boxes=torch.tensor([[20.0, 8.0, 124.0, 100.0]]), labels=torch.tensor([1]))]
+    targets = _two_level_targets()
     plain(images, targets=targets)
     whole = calls.pop()["logits"]  # every positive at stride 8; image 0's level-0 one comes first
     out = mixed(images, targets=targets)
@@ -904,8 +908,7 @@ def test_pairwise_warmup_with_level_loss_strides_ramps_each_level():
     projection.load_state_dict(ramped.state_dict())
     full.load_state_dict(ramped.state_dict())  # training_step 0 too: loaded before any step
     images = torch.rand(2, 3, 128, 128)
-    targets = [dict(boxes=torch.tensor([[10.0, 10.0, 26.0, 30.0], [4.0, 30.0, 90.0, 120.0]]), labels=torch.tensor([0, 2])),
-               dict(boxes=torch.tensor([[20.0, 8.0, 124.0, 100.0]]), labels=torch.tensor([1]))]
+    targets = _two_level_targets()
     with torch.no_grad():
         start = ramped(images, targets=targets)["loss_mask"]
         assert float(start) == pytest.approx(float(projection(images, targets=targets)["loss_mask"]), rel=1e-5)

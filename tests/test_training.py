@@ -121,10 +121,11 @@ def test_grad_norm_is_logged_before_clipping_and_only_when_clipping(tmp_path):
         return result.history[0]["grad_norm"], float(moved)
 
     norm_free, moved_free = first_step("loose", 1e6)
-    norm_clipped, moved_clipped = first_step("tight", 1e-3)
+    clip = norm_free / 2  # binds, and keeps the step far above float32 rounding of the weights
+    norm_clipped, moved_clipped = first_step("tight", clip)
     assert moved_free == pytest.approx(0.1 * norm_free, rel=1e-4)  # the logged value is the gradient's norm
-    assert norm_clipped == pytest.approx(norm_free, rel=1e-6) and norm_clipped > 1e-3  # taken before clipping
-    assert moved_clipped == pytest.approx(0.1 * 1e-3, rel=1e-4)
+    assert norm_clipped == pytest.approx(norm_free, rel=1e-6) and norm_clipped > clip  # taken before clipping
+    assert moved_clipped == pytest.approx(0.1 * clip, rel=1e-4)
     rows = run(tiny_config(tmp_path / "unclipped", steps=2, grad_clip=None)).history
     assert all("grad_norm" not in r for r in rows)
 
